@@ -1,0 +1,63 @@
+"""Run the chat server: ``python chat.py`` (settings: ``python chat.py --help``)."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402 - after patching, so every module sees gevent's sockets
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+from chatserver import config, frames, session, transport, web  # noqa: E402
+from chatserver.hub import Hub  # noqa: E402
+
+log = logging.getLogger("chat")
+DRAIN_SECONDS = 5.0  # how long SIGTERM waits for clients to answer our close frames
+
+
+def main(argv=None):
+    try:
+        settings = config.load(sys.argv[1:] if argv is None else argv)
+    except config.ConfigError as exc:
+        print("chat.py: bad setting: %s" % exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stdout, level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    hub = Hub(settings)
+    app = web.create_app(hub, settings)
+    policy = transport.Policy(
+        allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
+        outbox_size=settings.outbox_size, is_full=lambda: len(hub) >= settings.max_connections)
+    server = WSGIServer((settings.host, settings.port), app,
+                        handler_class=transport.ChatHandler.configured(policy),
+                        log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
+    server.start()
+    log.info("Listening on http://%s:%d/", settings.host, server.server_port)
+    keepalive = gevent.spawn(session.keepalive, hub, settings.ping_interval, settings.ping_timeout)
+
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+
+    log.info("Shutting down: closing %d connections", len(hub))
+    server.close()  # stop accepting
+    keepalive.kill()
+    session.close_all(hub, frames.GOING_AWAY, "server shutting down")
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while len(hub) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    for conn in hub.connections():
+        conn.ws.abort()
+    server.stop(timeout=1)
+    log.info("Stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Settings, read once from the environment and mirrored by command-line flags.
+
+Each setting is an environment variable (twelve-factor) and a flag of the same name in
+lower case (``MAX_MESSAGE_SIZE`` -> ``--max-message-size``); a flag wins over the variable.
+A bad value stops start-up with a message that names the setting.
+"""
+import argparse
+import dataclasses
+import os
+import urllib.parse
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+def _int(lo, hi=None):
+    def cast(raw):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError("expected a whole number, got %r" % raw) from None
+        if value < lo or (hi is not None and value > hi):
+            bound = "at least %d" % lo if hi is None else "between %d and %d" % (lo, hi)
+            raise ConfigError("expected a number %s, got %d" % (bound, value))
+        return value
+    return cast
+
+
+def _float(lo):
+    def cast(raw):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError("expected a number, got %r" % raw) from None
+        if not value >= lo or value == float("inf"):
+            raise ConfigError("expected a finite number of at least %g, got %r" % (lo, raw))
+        return value
+    return cast
+
+
+def _origins(raw):
+    """A comma list of origins (scheme://host[:port]) or ``*``."""
+    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise ConfigError("expected origins like https://chat.example.com, got %r" % origin)
+    return origins
+
+
+def _level(raw):
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("expected DEBUG, INFO, WARNING or ERROR, got %r" % raw)
+    return level
+
+
+def _str(raw):
+    return raw.strip()
+
+
+# name, default (as the environment would spell it), cast, help
+SETTINGS = (
+    ("PORT", "8080", _int(0, 65535), "TCP port to listen on (0 picks a free one)"),
+    ("HOST", "0.0.0.0", _str, "address to listen on"),
+    ("ALLOWED_ORIGINS", "", _origins,
+     "extra origins allowed to open /ws, comma-separated; '*' allows any. "
+     "The page's own origin (matching Host) is always allowed"),
+    ("MAX_MESSAGE_SIZE", "65536", _int(125, 64 * 1024 * 1024),
+     "largest WebSocket message in bytes; bigger ones are closed with 1009"),
+    ("HISTORY_SIZE", "100", _int(0, 100000), "messages kept per room for history and recovery"),
+    ("RATE_LIMIT", "10", _float(0), "messages per second per connection (0 turns the limit off)"),
+    ("RATE_BURST", "20", _int(1), "messages a connection may send at once before the rate applies"),
+    ("MAX_CONNECTIONS", "10000", _int(1), "open WebSocket connections per process"),
+    ("MAX_ROOMS", "50", _int(1), "rooms one connection may be in at once"),
+    ("PING_INTERVAL", "25", _float(0.05), "seconds between the server's keepalive pings"),
+    ("PING_TIMEOUT", "60", _float(0.1), "seconds of silence (not even a pong) before a peer is dropped"),
+    ("OUTBOX_SIZE", "1024", _int(1), "frames queued for a slow client before it is closed with 1008"),
+    ("PRESENCE_LIMIT", "1000", _int(0),
+     "rooms bigger than this send no join/leave/nick notices and cap member lists"),
+    ("LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated settings; build with ``load()``."""
+    port: int
+    host: str
+    allowed_origins: tuple
+    max_message_size: int
+    history_size: int
+    rate_limit: float
+    rate_burst: int
+    max_connections: int
+    max_rooms: int
+    ping_interval: float
+    ping_timeout: float
+    outbox_size: int
+    presence_limit: int
+    log_level: str
+
+
+def parser():
+    """The command-line flags, one per setting; their defaults come from the environment."""
+    ap = argparse.ArgumentParser(
+        prog="chat.py", description="Real-time chat server: WebSocket relay on /ws, page on /.",
+        epilog="Every flag has an environment variable of the same name in upper case.")
+    for name, default, _cast, help_text in SETTINGS:
+        ap.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar="VALUE",
+                        help="%s [env %s, default %s]" % (help_text, name, default or "''"))
+    return ap
+
+
+def load(argv=None, environ=None):
+    """Settings from flags (``argv``) over environment (``environ``) over defaults.
+
+    Raises ConfigError naming the first bad setting.
+    """
+    environ = os.environ if environ is None else environ
+    flags = vars(parser().parse_args(argv if argv is not None else []))
+    values = {}
+    for name, default, cast, _help in SETTINGS:
+        raw = flags.get(name)
+        if raw is None:
+            raw = environ.get(name, default)
+        try:
+            values[name.lower()] = cast(raw)
+        except ConfigError as exc:
+            raise ConfigError("%s: %s" % (name, exc)) from None
+    return Settings(**values)

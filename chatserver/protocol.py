@@ -1,0 +1,183 @@
+"""The JSON v1 wire format (``chat.v1``): decode and validate client requests, encode replies.
+
+No I/O here. ``decode`` turns one text frame into a ``Request`` or raises ``ProtocolError``
+with the contract's error code; the session turns that into an ``error`` frame.
+"""
+import json
+import re
+import unicodedata
+
+SUBPROTOCOL = "chat.v1"
+LOBBY = "lobby"
+NICK_MAX = 32
+REF_MAX = 64
+EPOCH_MAX = 64
+IDEMPOTENT_REF = range(8, REF_MAX + 1)  # string refs of these lengths are idempotency keys
+
+_ROOM = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+# Control and format characters (and line separators) would let a nick fake other lines or
+# reorder text around it; they are refused.
+_BANNED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; ``code`` is the contract's error code."""
+
+    def __init__(self, code, message, ref=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def to_dict(self):
+        return error(self.code, self.message, self.ref)
+
+
+class Request:
+    """A validated client request: ``type``, its fields, and ``ref`` (None when absent)."""
+
+    __slots__ = ("type", "fields", "ref")
+
+    def __init__(self, type_, fields, ref=None):
+        self.type = type_
+        self.fields = fields
+        self.ref = ref
+
+    def __getitem__(self, key):
+        return self.fields[key]
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+    def __repr__(self):
+        return "Request(%r, %r, ref=%r)" % (self.type, self.fields, self.ref)
+
+
+def encode(obj):
+    """One JSON text for a frame: compact, UTF-8 kept as is."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def error(code, message, ref=None):
+    out = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        out["ref"] = ref
+    return out
+
+
+def valid_room(name):
+    return isinstance(name, str) and _ROOM.match(name) is not None
+
+
+def is_idempotency_key(ref):
+    return isinstance(ref, str) and len(ref) in IDEMPOTENT_REF
+
+
+def clean_nick(raw):
+    """The nick to store, trimmed; raises ValueError with the reason when it is not allowed."""
+    if not isinstance(raw, str):
+        raise ValueError("nick must be a string")
+    nick = raw.strip()
+    if not 1 <= len(nick) <= NICK_MAX:
+        raise ValueError("nick must be 1 to %d characters after trimming" % NICK_MAX)
+    if any(unicodedata.category(ch) in _BANNED_CATEGORIES for ch in nick):
+        raise ValueError("nick must not contain control or formatting characters")
+    return nick
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ref(obj):
+    ref = obj.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, str) and len(ref) <= REF_MAX or _is_int(ref) and abs(ref) < 2 ** 53:
+        return ref
+    raise ProtocolError("bad_request", "ref must be a string of at most %d characters or an "
+                        "integer" % REF_MAX)
+
+
+def _room(obj, ref, default=None):
+    room = obj.get("room", default)
+    if room is None:
+        raise ProtocolError("bad_request", "room is required", ref)
+    if not valid_room(room):
+        raise ProtocolError("bad_request", "room must be 1-64 letters, digits, '-', '_' or '.'", ref)
+    return room
+
+
+def _text(obj, ref):
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise ProtocolError("bad_request", "text must be a string", ref)
+    if not text.strip():
+        raise ProtocolError("bad_request", "text is empty", ref)
+    return text
+
+
+def _message(obj, ref):
+    return {"room": _room(obj, ref, LOBBY), "text": _text(obj, ref)}
+
+
+def _join(obj, ref):
+    fields = {"room": _room(obj, ref), "since": obj.get("since"), "epoch": obj.get("epoch")}
+    if fields["since"] is not None and not (_is_int(fields["since"]) and fields["since"] >= 0):
+        raise ProtocolError("bad_request", "since must be a message id (an integer >= 0)", ref)
+    epoch = fields["epoch"]
+    if epoch is not None and not (isinstance(epoch, str) and len(epoch) <= EPOCH_MAX):
+        raise ProtocolError("bad_request", "epoch must be a string", ref)
+    return fields
+
+
+def _leave(obj, ref):
+    return {"room": _room(obj, ref)}
+
+
+def _nick(obj, ref):
+    try:
+        return {"nick": clean_nick(obj.get("nick"))}
+    except ValueError as exc:
+        raise ProtocolError("bad_request", str(exc), ref) from None
+
+
+def _direct(obj, ref):
+    to = obj.get("to")
+    if not (_is_int(to) and to > 0):
+        raise ProtocolError("bad_request", "to must be a connection id (a positive integer)", ref)
+    return {"to": to, "text": _text(obj, ref)}
+
+
+def _typing(obj, ref):
+    return {"room": _room(obj, ref)}
+
+
+def _ping(obj, ref):
+    return {}
+
+
+_VALIDATORS = {
+    "message": _message, "join": _join, "leave": _leave, "nick": _nick,
+    "direct": _direct, "typing": _typing, "ping": _ping,
+}
+REQUEST_TYPES = tuple(_VALIDATORS)
+
+
+def decode(text):
+    """Validate one client frame; returns a Request or raises ProtocolError."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", "frame must be a JSON object")
+    ref = _ref(obj)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_request", "type is required", ref)
+    validator = _VALIDATORS.get(kind)
+    if validator is None:
+        raise ProtocolError("unknown_type", "unknown type %r; expected one of %s"
+                            % (kind[:40], ", ".join(REQUEST_TYPES)), ref)
+    return Request(kind, validator(obj, ref), ref)

@@ -1,0 +1,144 @@
+"""One connection's life: register, read and answer messages, clean up.
+
+The only module that drives a WebSocket object. Each connection is read by its own
+greenlet (the one gevent's server gave the request); writes go through the socket's
+non-blocking ``send_frame_bytes``, so nothing here waits on another client.
+"""
+import logging
+import time
+
+import gevent
+
+from . import frames, protocol
+from .hub import JSON, PLAIN
+from .protocol import ProtocolError
+from .ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach the peer
+
+
+class Connection:
+    """A client as the hub sees it, over one HardenedWebSocket."""
+
+    __slots__ = ("id", "nick", "rooms", "dialect", "ws", "bucket", "strikes")
+
+    def __init__(self, ws, dialect, settings):
+        self.id = None
+        self.nick = None
+        self.rooms = set()
+        self.dialect = dialect
+        self.ws = ws
+        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
+        self.strikes = 0
+
+    def send(self, frame):
+        self.ws.send_frame_bytes(frame)
+
+    def send_json(self, obj):
+        self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))
+
+
+def serve(ws, hub, settings):
+    """Run one WebSocket connection until it ends; never raises."""
+    dialect = JSON if ws.subprotocol == protocol.SUBPROTOCOL else PLAIN
+    conn = Connection(ws, dialect, settings)
+    try:
+        welcome = hub.register(conn)
+        log.info("New connection! (%d)", conn.id)
+        if dialect == JSON:
+            conn.send_json(welcome)
+        handle = _handle_json if dialect == JSON else _handle_plain
+        while True:
+            message = ws.receive()
+            if message is None:
+                break
+            if _over_rate(conn):
+                if dialect == JSON:
+                    conn.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
+                                                  "per second" % settings.rate_limit))
+                continue
+            if isinstance(message, bytes):
+                if dialect == JSON:
+                    conn.send_json(protocol.error("bad_request", "binary frames are not "
+                                                  "supported; send JSON text"))
+                    continue
+                ws.close(frames.UNSUPPORTED_DATA, "binary frames are not supported")
+                continue
+            handle(conn, hub, message)
+    except Exception:  # noqa: BLE001 - the one boundary of this greenlet
+        log.exception("connection %s failed", conn.id)
+        ws.close(frames.SERVER_ERROR, "server error")
+    finally:
+        hub.unregister(conn)
+        ws.close()
+        ws.flush(FLUSH_ON_EXIT)
+        log.info("Connection %s closed (%s)", conn.id, ws.close_code or "dropped")
+
+
+def _over_rate(conn):
+    """True when this message is over the rate limit; a sustained flood closes the
+    connection with 1008."""
+    if conn.bucket.allow(time.monotonic()):
+        conn.strikes = 0
+        return False
+    conn.strikes += 1
+    if conn.strikes > conn.bucket.burst:
+        log.warning("closing connection %d: flooding", conn.id)
+        conn.ws.close(frames.POLICY, "flooding: too many messages")
+    return True
+
+
+def _handle_plain(conn, hub, text):
+    if text:
+        hub.say(conn, protocol.LOBBY, text)
+
+
+def _handle_json(conn, hub, text):
+    ref = None
+    try:
+        req = protocol.decode(text)
+        ref = req.ref
+        reply = _REQUESTS[req.type](conn, hub, req)
+    except ProtocolError as exc:
+        conn.send_json(protocol.error(exc.code, exc.message, exc.ref if exc.ref is not None else ref))
+        return
+    if reply is not None:
+        conn.send_json(reply)
+
+
+def _pong(conn, hub, req):
+    return {"type": "pong", "ref": req.ref} if req.ref is not None else {"type": "pong"}
+
+
+_REQUESTS = {
+    "message": lambda conn, hub, req: hub.say(conn, req["room"], req["text"], req.ref),
+    "join": lambda conn, hub, req: hub.join(conn, req["room"], req["since"], req["epoch"]),
+    "leave": lambda conn, hub, req: hub.leave(conn, req["room"]),
+    "nick": lambda conn, hub, req: hub.rename(conn, req["nick"]),
+    "direct": lambda conn, hub, req: hub.direct(conn, req["to"], req["text"]),
+    "typing": lambda conn, hub, req: hub.typing(conn, req["room"]),
+    "ping": _pong,
+}
+
+
+def keepalive(hub, interval, timeout):
+    """Forever: ping every connection each ``interval`` seconds and drop the ones that sent
+    nothing at all (not even a pong) for ``timeout`` seconds. One greenlet for all."""
+    while True:
+        gevent.sleep(interval)
+        now = time.monotonic()
+        ping = frames.frame(frames.OP_PING, b"")
+        for conn in hub.connections():
+            if now - conn.ws.last_seen > timeout:
+                log.info("dropping connection %d: silent for %.0f s", conn.id, now - conn.ws.last_seen)
+                conn.ws.abort()
+            else:
+                conn.send(ping)
+
+
+def close_all(hub, code, reason):
+    """Send every connection a close frame (shutdown); their sessions end as peers answer."""
+    for conn in hub.connections():
+        conn.ws.close(code, reason)
