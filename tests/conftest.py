@@ -1,0 +1,132 @@
+"""Fixtures: a live ``python chat.py`` on an ephemeral port of 127.0.0.1, and clients for it."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.clients import JsonClient, PlainClient, RawClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LISTENING = re.compile(r"Listening on http://[^:]+:(\d+)/")
+
+
+class Server:
+    """A ``python chat.py`` subprocess; ``lines`` collects what it logs."""
+
+    def __init__(self, env=None, args=()):
+        full_env = dict(os.environ, HOST="127.0.0.1", PORT="0", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "chat.py", *args], cwd=ROOT, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self.port = None
+        started = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                match = LISTENING.search(line)
+                if match and self.port is None:
+                    self.port = int(match.group(1))
+                    started.set()
+            started.set()
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+        if not started.wait(15) or self.port is None:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def ws_url(self):
+        return "ws://127.0.0.1:%d/ws" % self.port
+
+    def log(self):
+        return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern, timeout=5.0):
+        """The first log line matching ``pattern`` (a regex), waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if rx.search(line):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError("no log line matches %r in:\n%s" % (pattern, self.log()))
+
+    def signal(self, signum=signal.SIGTERM):
+        self.proc.send_signal(signum)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+
+
+@pytest.fixture
+def start_server():
+    """Start servers with extra settings: ``start_server(env={...}, args=[...])``."""
+    servers = []
+
+    def start(env=None, args=()):
+        server = Server(env, args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+    for server in servers:
+        unhandled = [l for l in server.lines if "Traceback" in l]
+        assert not unhandled, "server logged a traceback:\n" + server.log()
+
+
+@pytest.fixture
+def server(start_server):
+    """A server with default settings but a generous rate limit for quick tests."""
+    return start_server()
+
+
+@pytest.fixture
+def clients():
+    """Open clients with ``clients.json(server)``, ``clients.plain(server)``, ``clients.raw(server)``;
+    all are closed at the end of the test."""
+    opened = []
+
+    class Factory:
+        @staticmethod
+        def json(server, **kw):
+            c = JsonClient(server.port, **kw)
+            opened.append(c)
+            return c
+
+        @staticmethod
+        def plain(server, **kw):
+            c = PlainClient(server.port, **kw)
+            opened.append(c)
+            return c
+
+        @staticmethod
+        def raw(server, **kw):
+            c = RawClient(server.port, **kw)
+            opened.append(c)
+            return c
+
+    yield Factory
+    for c in opened:
+        c.close()
