@@ -4,6 +4,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging  # noqa: E402 - after patching, so every module sees gevent's sockets
+import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -12,7 +13,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from chatserver import config, frames, session, transport, web  # noqa: E402
+from chatserver import backplane, config, frames, session, transport, web  # noqa: E402
 from chatserver.hub import Hub  # noqa: E402
 
 log = logging.getLogger("chat")
@@ -28,8 +29,15 @@ def main(argv=None):
     logging.basicConfig(stream=sys.stdout, level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    hub = Hub(settings)
-    app = web.create_app(hub, settings)
+    _raise_file_limit(settings.max_connections)
+    if settings.redis_url:
+        shared = backplane.RedisBackplane(settings.redis_url, settings.history_size,
+                                          settings.presence_ttl)
+    else:
+        shared = backplane.LocalBackplane(settings.history_size)
+    hub = Hub(settings, shared)
+    hub.start()
+    app = web.create_app(hub, settings, health=shared.health)
     policy = transport.Policy(
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
         outbox_size=settings.outbox_size, is_full=lambda: len(hub) >= settings.max_connections)
@@ -55,8 +63,21 @@ def main(argv=None):
     for conn in hub.connections():
         conn.ws.abort()
     server.stop(timeout=1)
+    shared.stop()
     log.info("Stopped")
     return 0
+
+
+def _raise_file_limit(connections):
+    """Each connection is a file descriptor; the usual soft limit of 1024 is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256  # listening socket, logs, Redis, headroom
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open-file limit %d is below MAX_CONNECTIONS + 256 (%d); raise it "
+                        "(ulimit -n) to hold that many connections", new, want)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def _level(raw):
     return level
 
 
+def _redis_url(raw):
+    url = raw.strip()
+    if url and urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("expected redis://, rediss:// or unix:// URL, got %r"
+                          % urllib.parse.urlsplit(url)._replace(netloc="...").geturl())
+    return url
+
+
 def _str(raw):
     return raw.strip()
 
@@ -81,6 +89,10 @@ SETTINGS = (
     ("OUTBOX_SIZE", "1024", _int(1), "frames queued for a slow client before it is closed with 1008"),
     ("PRESENCE_LIMIT", "1000", _int(0),
      "rooms bigger than this send no join/leave/nick notices and cap member lists"),
+    ("REDIS_URL", "", _redis_url,
+     "Redis shared by several processes (pub/sub, history, presence); empty: one process"),
+    ("PRESENCE_TTL", "30", _float(0.5),
+     "with Redis: seconds before the members of a process that died stop being listed"),
     ("LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -101,6 +113,8 @@ class Settings:
     ping_timeout: float
     outbox_size: int
     presence_limit: int
+    redis_url: str
+    presence_ttl: float
     log_level: str
 
 

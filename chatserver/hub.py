@@ -1,23 +1,23 @@
-"""The one client registry: connections by id, rooms by name, and fan-out between them.
+"""The one client registry of this process: connections by id, local room membership, and
+the fan-out of events to them.
 
-Every change to who is connected, who is in which room and what was said goes through a
-method here. A broadcast encodes each frame once per dialect and hands the same bytes to
-every recipient's ``send``, which never blocks (see ``transport``), so one slow client
-cannot hold up a room.
+Every change to who is connected and who is in which room goes through a method here. What
+must hold across processes (ids, history, presence, the order of messages) is asked of the
+backplane, which hands every event back through ``deliver``. A delivery encodes each frame
+once per dialect and gives the same bytes to every recipient's ``send``, which never blocks
+(see ``transport``), so one slow client cannot hold up a room.
 
 A client, as the hub sees it, has: ``id``, ``nick``, ``dialect`` (PLAIN or JSON), ``rooms``
-(a set of names) and ``send(frame_bytes)``; ``register`` sets ``id`` and ``nick``.
+(a set of names), ``pending`` (a dict) and ``send(frame_bytes)``.
 """
-import itertools
 import logging
 import time
 
 from . import frames, protocol
+from .backplane import Unavailable
 from .protocol import LOBBY, ProtocolError
-from .rooms import Room
 
 PLAIN, JSON = "plain", "json"
-EMPTY_ROOMS_KEPT = 10000  # empty rooms whose history is kept for people who come back
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +27,41 @@ def default_nick(client_id):
 
 
 class Hub:
-    """Shape: clients[id] = client; rooms[name].members[id] = client; client.rooms = {name}."""
+    """Shape: clients[id] = client; local[room][id] = client (members on this process);
+    client.rooms = {room}; client.pending[room] = [(message id or None, frame)] while a
+    join is being answered."""
 
-    def __init__(self, settings, clock=time.time):
-        self.history_size = settings.history_size
+    def __init__(self, settings, backplane, clock=time.time):
         self.presence_limit = settings.presence_limit
         self.max_rooms = settings.max_rooms
+        self.backplane = backplane
         self.clients = {}
-        self.rooms = {}
-        self._ids = itertools.count(1)
+        self.local = {}
         self._clock = clock
+
+    def start(self):
+        self.backplane.start(self.deliver, self.local_members)
 
     # -- connections ---------------------------------------------------------------------
 
     def register(self, client):
-        """Give ``client`` an id and nick, put it in the lobby, tell the others; returns the
-        ``welcome`` message for it."""
-        client.id = next(self._ids)
+        """Give ``client`` an id and nick, put it in the lobby, tell the others, and send it
+        the ``welcome`` (JSON clients). Raises Unavailable when no id can be had."""
+        client.id = self.backplane.next_id()
         client.nick = default_nick(client.id)
         client.rooms = set()
+        client.pending = {}
         self.clients[client.id] = client
-        room = self._enter(client, LOBBY)
-        return {"type": "welcome", "id": client.id, "nick": client.nick, "room": LOBBY,
-                **self._room_state(room)}
+        try:
+            self.backplane.online(_who(client))
+            state = self._enter(client, LOBBY)
+        except Unavailable:
+            self.unregister(client)
+            raise
+        welcome = {"type": "welcome", "id": client.id, "nick": client.nick, "room": LOBBY}
+        welcome.update(state)
+        del welcome["recovered"]
+        self._answer(client, LOBBY, welcome)
 
     def unregister(self, client):
         """Take ``client`` out of every room and the registry; tell the others."""
@@ -57,6 +69,10 @@ class Hub:
             return
         for name in list(client.rooms):
             self._exit(client, name)
+        try:
+            self.backplane.offline(client.id)
+        except Unavailable:
+            pass  # its presence expires by itself
 
     def __len__(self):
         return len(self.clients)
@@ -65,137 +81,230 @@ class Hub:
         """A snapshot of the connected clients, safe to iterate while they come and go."""
         return tuple(self.clients.values())
 
+    def local_members(self):
+        """({room: [member]}, [every member]) on this process, for the backplane's refresh."""
+        rooms = {name: [_who(c) for c in members.values()] for name, members in self.local.items()}
+        return rooms, [_who(c) for c in self.clients.values()]
+
     def stats(self):
-        return {"connections": len(self.clients),
-                "rooms": sum(1 for r in self.rooms.values() if r.members)}
+        return {"connections": len(self.clients), "rooms": len(self.local)}
 
     # -- requests ------------------------------------------------------------------------
 
     def join(self, client, name, since=None, epoch=None):
-        """Put ``client`` in room ``name`` (again is fine); returns the ``joined`` answer,
-        with what it missed when ``since``/``epoch`` allow recovery."""
-        if name not in client.rooms:
-            if len(client.rooms) >= self.max_rooms:
-                raise ProtocolError("too_many_rooms", "a connection may be in at most %d rooms"
-                                    % self.max_rooms)
-            room = self._enter(client, name)
-        else:
-            room = self.rooms[name]
-        history, recovered = room.recover(since, epoch)
-        state = self._room_state(room)
-        state["history"] = history
-        return {"type": "joined", "room": name, **state, "recovered": recovered}
+        """Put ``client`` in room ``name`` (again is fine) and send it ``joined``, with what
+        it missed when ``since``/``epoch`` allow recovery."""
+        if name not in client.rooms and len(client.rooms) >= self.max_rooms:
+            raise ProtocolError("too_many_rooms", "a connection may be in at most %d rooms"
+                                % self.max_rooms)
+        try:
+            state = self._enter(client, name, since, epoch)
+        except Unavailable:
+            raise _unavailable("joining") from None
+        self._answer(client, name, {"type": "joined", "room": name, **state})
 
     def leave(self, client, name):
-        self._member_room(client, name)
+        self._check_member(client, name)
         self._exit(client, name)
         return {"type": "left", "room": name}
 
     def say(self, client, name, text, ref=None):
-        """Store and relay ``text`` from ``client`` in room ``name``; returns the ``ack``.
+        """Store and relay ``text`` from ``client`` in room ``name``; returns the ``ack``
+        (None for plain-text clients).
 
         A string ``ref`` of 8-64 characters is an idempotency key: when the room's history
         still holds a message with it, nothing is stored or relayed and the original ack is
         returned.
         """
-        room = self._member_room(client, name)
+        self._check_member(client, name)
         key = ref if protocol.is_idempotency_key(ref) else None
-        if key is not None:
-            earlier = room.find(key)
-            if earlier is not None:
-                return _ack(ref, earlier)
-        message = room.append(_who(client), text, self._clock(), key)
-        plain = 'Client %d says "%s"' % (client.id, text) if name == LOBBY else None
-        self._broadcast(room, message, plain, exclude=client)
-        return _ack(ref, message)
+        try:
+            message, _fresh = self.backplane.post(name, _who(client), text, self._clock(), key)
+        except Unavailable:
+            if client.dialect == PLAIN:
+                # No id without the store, so JSON clients cannot be told; plain ones can.
+                self.deliver({"k": "plain", "room": name, "from": client.id,
+                              "text": 'Client %d says "%s"' % (client.id, text)})
+                return None
+            raise _unavailable("the message was not stored") from None
+        if client.dialect == PLAIN:
+            return None
+        return {"type": "ack", "ref": ref, "room": name, "id": message["id"], "ts": message["ts"]}
 
     def rename(self, client, nick):
         """Change ``client``'s nick (already validated); returns the answer for it."""
         client.nick = nick
+        try:
+            self.backplane.rename(client.rooms, _who(client))
+        except Unavailable:
+            pass  # refreshed into the store when it is back
         for name in client.rooms:
-            room = self.rooms[name]
-            if len(room) <= self.presence_limit:
-                self._broadcast(room, _presence(name, "nick", client), None, exclude=client)
+            self._announce(name, "nick", client)
         return {"type": "nick", "id": client.id, "nick": nick}
 
     def direct(self, client, to, text):
         """Send a private message to connection ``to``."""
-        target = self.clients.get(to)
-        if target is None:
+        event = {"k": "direct", "to": to, "from": _who(client), "text": text, "ts": self._clock()}
+        try:
+            found = self.backplane.direct(to, event)
+        except Unavailable:
+            raise _unavailable("the message was not sent") from None
+        if not found:
             raise ProtocolError("no_such_client", "no connection with id %d" % to)
-        if target.dialect == JSON:
-            body = protocol.encode({"type": "direct", "from": _who(client), "text": text,
-                                    "ts": self._clock()})
-        else:
-            body = 'Client %d whispers "%s"' % (client.id, text)
-        target.send(frames.text_frame(body))
 
     def typing(self, client, name):
-        room = self._member_room(client, name)
-        self._broadcast(room, {"type": "typing", "room": name, "from": _who(client)}, None,
-                        exclude=client)
+        self._check_member(client, name)
+        event = {"k": "typing", "room": name, "from": _who(client)}
+        try:
+            self.backplane.publish(name, event)
+        except Unavailable:
+            pass
+
+    # -- deliveries ----------------------------------------------------------------------
+
+    def deliver(self, event):
+        """Hand one event from the backplane to the local clients it concerns. Never blocks."""
+        kind = event.get("k")
+        if kind == "msg":
+            message = event["message"]
+            room = message["room"]
+            plain = 'Client %d says "%s"' % (message["from"]["id"], message["text"]) \
+                if room == LOBBY else None
+            self._fanout(room, message, plain, message["from"]["id"], message["id"])
+        elif kind == "presence":
+            room, member = event["room"], event["member"]
+            plain = None
+            if room == LOBBY and event["event"] != "nick":
+                plain = "Client %d %s." % (member["id"], "connected" if event["event"] == "join"
+                                           else "disconnected")
+            out = {"type": "presence", "room": room, "event": event["event"], "member": member}
+            self._fanout(room, out, plain, member["id"])
+        elif kind == "typing":
+            out = {"type": "typing", "room": event["room"], "from": event["from"]}
+            self._fanout(event["room"], out, None, event["from"]["id"])
+        elif kind == "direct":
+            target = self.clients.get(event["to"])
+            if target is None:
+                return
+            if target.dialect == JSON:
+                body = protocol.encode({"type": "direct", "from": event["from"],
+                                        "text": event["text"], "ts": event["ts"]})
+            else:
+                body = 'Client %d whispers "%s"' % (event["from"]["id"], event["text"])
+            target.send(frames.text_frame(body))
+        elif kind == "plain":
+            self._fanout(event["room"], None, event["text"], event["from"])
+        else:
+            log.warning("dropped an event of unknown kind %r", kind)
+
+    def _fanout(self, room, message, plain, exclude_id, msg_id=None):
+        """Give ``message`` (a dict, to JSON clients) and ``plain`` (a str, to plain-text
+        clients) to every local member of ``room`` but ``exclude_id``; each frame is encoded
+        once."""
+        members = self.local.get(room)
+        if not members:
+            return
+        json_frame = plain_frame = None
+        for member in tuple(members.values()):
+            if member.id == exclude_id:
+                continue
+            if member.dialect == JSON:
+                if message is None:
+                    continue
+                if json_frame is None:
+                    json_frame = frames.text_frame(protocol.encode(message))
+                frame = json_frame
+            else:
+                if plain is None:
+                    continue
+                if plain_frame is None:
+                    plain_frame = frames.text_frame(plain)
+                frame = plain_frame
+            if member.pending and room in member.pending:
+                member.pending[room].append((msg_id, frame))
+            else:
+                member.send(frame)
 
     # -- inside --------------------------------------------------------------------------
 
-    def _member_room(self, client, name):
+    def _check_member(self, client, name):
         if name not in client.rooms:
             raise ProtocolError("not_in_room", "you are not in room %r; join it first" % name)
-        return self.rooms[name]
 
-    def _room_state(self, room):
-        members = room.members.values()
-        if len(room) > self.presence_limit:
-            members = itertools.islice(members, self.presence_limit)
-        return {"members": [_who(c) for c in members], "member_count": len(room),
-                "history": list(room.history), "epoch": room.epoch}
+    def _enter(self, client, name, since=None, epoch=None):
+        """Make ``client`` a member of ``name`` and gather the room's state for the answer.
 
-    def _enter(self, client, name):
-        room = self.rooms.get(name)
-        if room is None:
-            room = self.rooms[name] = Room(name, self.history_size)
-        room.add(client)
-        client.rooms.add(name)
-        if len(room) <= self.presence_limit:
-            plain = "Client %d connected." % client.id if name == LOBBY else None
-            self._broadcast(room, _presence(name, "join", client), plain, exclude=client)
-        return room
+        Events for the room that arrive while the state is read (the backplane may yield)
+        wait in ``client.pending`` until ``_answer`` has sent it.
+        """
+        new = name not in client.rooms
+        client.pending[name] = []
+        try:
+            if new:
+                self.backplane.watch(name)
+                self.local.setdefault(name, {})[client.id] = client
+                client.rooms.add(name)
+                size = self.backplane.enter(name, _who(client))
+                if size <= self.presence_limit:
+                    self._publish_presence(name, "join", client)
+            members, count = self.backplane.members(name, self.presence_limit)
+            history, room_epoch, recovered = self.backplane.history(name, since, epoch)
+        except Unavailable:
+            client.pending.pop(name, None)
+            if new and name in client.rooms:
+                self._exit(client, name)
+            elif new and not self.local.get(name):
+                self.local.pop(name, None)
+                self.backplane.unwatch(name)
+            raise
+        return {"members": members, "member_count": count, "history": history,
+                "epoch": room_epoch, "recovered": recovered}
+
+    def _answer(self, client, name, answer):
+        """Send a welcome/joined answer, then what arrived for the room meanwhile that the
+        answer's history does not already hold."""
+        if client.dialect == JSON:
+            client.send(frames.text_frame(protocol.encode(answer)))
+        last = answer["history"][-1]["id"] if answer["history"] else 0
+        for msg_id, frame in client.pending.pop(name, ()):
+            if msg_id is None or msg_id > last:
+                client.send(frame)
 
     def _exit(self, client, name):
-        room = self.rooms[name]
-        room.remove(client)
+        members = self.local.get(name, {})
+        members.pop(client.id, None)
         client.rooms.discard(name)
-        # Notices stop above the limit; at exactly limit+1 -> limit the leaver was unannounced.
-        if len(room) < self.presence_limit:
-            plain = "Client %d disconnected." % client.id if name == LOBBY else None
-            self._broadcast(room, _presence(name, "leave", client), plain)
-        if not room.members and (not room.history or len(self.rooms) > EMPTY_ROOMS_KEPT):
-            del self.rooms[name]
+        client.pending.pop(name, None)
+        try:
+            size = self.backplane.exit(name, client.id)
+        except Unavailable:
+            size = len(members)
+        # Notices stop above the limit: a room that had limit+1 members was unannounced.
+        if size < self.presence_limit:
+            self._publish_presence(name, "leave", client)
+        if not members:
+            self.local.pop(name, None)
+            self.backplane.unwatch(name)
 
-    def _broadcast(self, room, message, plain, exclude=None):
-        """Hand ``message`` (a dict, to JSON clients) and ``plain`` (a str, to plain-text
-        clients) to every member but ``exclude``; each frame is encoded once."""
-        json_frame = plain_frame = None
-        for member in tuple(room.members.values()):
-            if member is exclude:
-                continue
-            if member.dialect == JSON:
-                if json_frame is None:
-                    json_frame = frames.text_frame(protocol.encode(message))
-                member.send(json_frame)
-            elif plain is not None:
-                if plain_frame is None:
-                    plain_frame = frames.text_frame(plain)
-                member.send(plain_frame)
+    def _announce(self, name, event, client):
+        members, count = self._members_quietly(name)
+        if count <= self.presence_limit:
+            self._publish_presence(name, event, client)
+
+    def _members_quietly(self, name):
+        try:
+            return self.backplane.members(name, 0)
+        except Unavailable:
+            return [], len(self.local.get(name, {}))
+
+    def _publish_presence(self, name, event, client):
+        self.backplane.publish(name, {"k": "presence", "room": name, "event": event,
+                                      "member": _who(client)})
 
 
 def _who(client):
     return {"id": client.id, "nick": client.nick}
 
 
-def _presence(room, event, client):
-    return {"type": "presence", "room": room, "event": event, "member": _who(client)}
-
-
-def _ack(ref, message):
-    return {"type": "ack", "ref": ref, "room": message["room"], "id": message["id"],
-            "ts": message["ts"]}
+def _unavailable(what):
+    return ProtocolError("unavailable", "%s: the shared store is unreachable; try again later" % what)

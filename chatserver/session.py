@@ -10,6 +10,7 @@ import time
 import gevent
 
 from . import frames, protocol
+from .backplane import Unavailable
 from .hub import JSON, PLAIN
 from .protocol import ProtocolError
 from .ratelimit import TokenBucket
@@ -22,12 +23,13 @@ FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach
 class Connection:
     """A client as the hub sees it, over one HardenedWebSocket."""
 
-    __slots__ = ("id", "nick", "rooms", "dialect", "ws", "bucket", "strikes")
+    __slots__ = ("id", "nick", "rooms", "pending", "dialect", "ws", "bucket", "strikes")
 
     def __init__(self, ws, dialect, settings):
         self.id = None
         self.nick = None
         self.rooms = set()
+        self.pending = {}
         self.dialect = dialect
         self.ws = ws
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
@@ -45,10 +47,13 @@ def serve(ws, hub, settings):
     dialect = JSON if ws.subprotocol == protocol.SUBPROTOCOL else PLAIN
     conn = Connection(ws, dialect, settings)
     try:
-        welcome = hub.register(conn)
+        try:
+            hub.register(conn)
+        except Unavailable as exc:
+            log.warning("refused a connection: the shared store is unreachable (%s)", exc)
+            ws.close(frames.TRY_AGAIN_LATER, "the shared store is unreachable; try again later")
+            return
         log.info("New connection! (%d)", conn.id)
-        if dialect == JSON:
-            conn.send_json(welcome)
         handle = _handle_json if dialect == JSON else _handle_plain
         while True:
             message = ws.receive()

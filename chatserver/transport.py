@@ -32,6 +32,7 @@ READ_CHUNK = 64 * 1024  # a multiple of 4, so each chunk unmasks with the same k
 WRITE_BATCH = 256 * 1024  # queued frames joined into one write, up to this many bytes
 CLOSE_WAIT = 2.0  # seconds to wait for the peer's close frame after ours
 SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before the socket goes
+HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
 
 
 class _EOF(Exception):
@@ -281,6 +282,19 @@ class ChatHandler(WebSocketHandler):
         """A handler class bound to ``policy``, for ``WSGIServer(handler_class=...)``."""
         return type(cls.__name__, (cls,), {"policy": policy})
 
+    def handle(self):
+        # A client that never finishes its request must not hold a connection forever; the
+        # timeout is lifted once the connection is a WebSocket (keepalive takes over then).
+        self.socket.settimeout(HTTP_TIMEOUT)
+        super().handle()
+
+    def _handle_client_error(self, ex):
+        if isinstance(ex, OSError):  # timed out or reset while sending headers: just close
+            log.info("dropped an incomplete HTTP request from %s: %s", self.client_address,
+                     type(ex).__name__)
+            return None
+        return super()._handle_client_error(ex)
+
     def upgrade_websocket(self):
         env = self.environ
         if env.get("REQUEST_METHOD") != "GET" or env.get("HTTP_UPGRADE", "").lower() != "websocket":
@@ -312,6 +326,7 @@ class ChatHandler(WebSocketHandler):
         if self.policy.is_full():
             return self._refuse("503 Service Unavailable", "Too many connections; try again later.")
 
+        self.socket.settimeout(None)
         self.websocket = HardenedWebSocket(env, self, self.policy, subprotocol)
         env.update({"wsgi.websocket_version": "13", "wsgi.websocket": self.websocket})
         accept = base64.b64encode(hashlib.sha1((key + GUID).encode("ascii")).digest()).decode()

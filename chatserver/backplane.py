@@ -1,0 +1,550 @@
+"""How processes share messages and state: in this process, or through one Redis.
+
+The hub asks a backplane for everything that must hold across processes: connection ids,
+the per-room message sequence and history, presence, and the fan-out of events. Events come
+back to every process's hub through ``deliver``, the callback given to ``start``; the hub
+then hands them to its local members. ``LocalBackplane`` (the default) keeps it all in
+memory; ``RedisBackplane`` (with ``REDIS_URL``) keeps it in Redis, where a Lua script stores
+each message and publishes it in one step, so every process sees one order per room.
+
+Events are dicts with a kind ``k``: ``msg`` (a stored message), ``presence``, ``typing``,
+``direct`` (to one connection id), ``plain`` (text for plain-text clients only).
+"""
+import itertools
+import json
+import logging
+import random
+import secrets
+import time
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+
+from .rooms import Room
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    """The shared store cannot be reached; the operation did not happen."""
+
+
+class LocalBackplane:
+    """One process, nothing to install: rooms from ``rooms.py``, events delivered at once."""
+
+    name = "local"
+
+    def __init__(self, history_size):
+        self.history_size = history_size
+        self._ids = itertools.count(1)
+        self._rooms = {}  # name -> Room (history and sequence)
+        self._presence = {}  # name -> {id: {id, nick}}
+        self._online = set()
+        self._deliver = None
+
+    def start(self, deliver, local_members=None):
+        self._deliver = deliver
+
+    def stop(self):
+        pass
+
+    def health(self):
+        return {"backplane": self.name}
+
+    def next_id(self):
+        return next(self._ids)
+
+    def online(self, member):
+        self._online.add(member["id"])
+
+    def offline(self, member_id):
+        self._online.discard(member_id)
+
+    def watch(self, room):
+        pass
+
+    def unwatch(self, room):
+        pass
+
+    def enter(self, room, member):
+        """Add ``member`` to the room's presence; returns the room's size."""
+        members = self._presence.setdefault(room, {})
+        members[member["id"]] = member
+        return len(members)
+
+    def exit(self, room, member_id):
+        """Remove a member from the room's presence; returns the room's size."""
+        members = self._presence.get(room, {})
+        members.pop(member_id, None)
+        if not members:
+            self._presence.pop(room, None)
+            self._forget_if_idle(room)
+        return len(members)
+
+    def rename(self, rooms, member):
+        for room in rooms:
+            if member["id"] in self._presence.get(room, {}):
+                self._presence[room][member["id"]] = member
+
+    def members(self, room, limit):
+        """(up to ``limit`` members, the room's true size)."""
+        members = self._presence.get(room, {})
+        return list(itertools.islice(members.values(), limit)), len(members)
+
+    def history(self, room, since=None, epoch=None):
+        """(messages, epoch, recovered): see ``Room.recover``."""
+        r = self._room(room)
+        messages, recovered = r.recover(since, epoch)
+        return messages, r.epoch, recovered
+
+    def post(self, room, sender, text, ts, ref=None):
+        """Store and publish a message; (message, fresh). A known ``ref`` returns the stored
+        message with fresh False and publishes nothing."""
+        r = self._room(room)
+        if ref is not None:
+            earlier = r.find(ref)
+            if earlier is not None:
+                return earlier, False
+        message = r.append(sender, text, ts, ref)
+        self._deliver({"k": "msg", "message": message})
+        return message, True
+
+    def publish(self, room, event):
+        self._deliver(event)
+
+    def direct(self, to, event):
+        """Deliver ``event`` to connection ``to``; False when no such connection exists."""
+        if to not in self._online:
+            return False
+        self._deliver(event)
+        return True
+
+    def _room(self, name):
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name, self.history_size)
+        return room
+
+    def _forget_if_idle(self, name):
+        # Empty rooms keep their history for people who come back, up to a bound.
+        room = self._rooms.get(name)
+        if room is not None and (not room.history or len(self._rooms) > EMPTY_ROOMS_KEPT):
+            del self._rooms[name]
+
+
+EMPTY_ROOMS_KEPT = 10000
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+SUBSCRIBE_WAIT = 3.0  # seconds to wait for Redis to confirm a subscription
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # reconnect delays, doubled with jitter up to the cap
+
+# KEYS: seq, stream, epoch, refs. ARGV: channel, new epoch, history size, sender json, text,
+# ts, ref ('' for none), room, origin.
+# Increment, append (capped) and publish in one step: every process sees one order per room.
+POST = """
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[3], epoch)
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+end
+local ref = ARGV[7]
+if ref ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[4], ref)
+  if seen then
+    local found = redis.call('XRANGE', KEYS[2], seen .. '-0', seen .. '-0')
+    if #found > 0 then
+      return {0, tonumber(seen), found[1][2]}
+    end
+  end
+end
+local id = redis.call('INCR', KEYS[1])
+local size = tonumber(ARGV[3])
+local fields = {'from', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6], 'ref', ref}
+redis.call('XADD', KEYS[2], 'MAXLEN', size, id .. '-0', unpack(fields))
+if ref ~= '' then
+  redis.call('ZADD', KEYS[4], id, ref)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', id - size)
+end
+redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'msg', o = ARGV[9], room = ARGV[8], id = id,
+  from = ARGV[4], text = ARGV[5], ts = ARGV[6], ref = ref}))
+return {1, id, fields}
+"""
+
+# KEYS: seq, stream, epoch. ARGV: history size, since ('' for none), epoch ('' for none).
+# Reads the sequence, epoch and entries together so they agree.
+HISTORY = """
+local epoch = redis.call('GET', KEYS[3]) or ''
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local size = tonumber(ARGV[1])
+if ARGV[2] ~= '' and ARGV[3] == epoch and epoch ~= '' then
+  local since = tonumber(ARGV[2])
+  if since <= seq then
+    local entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-0', '+')
+    if (#entries > 0 and entries[1][1] == (since + 1) .. '-0') or (#entries == 0 and since == seq) then
+      return {epoch, 1, entries}
+    end
+  end
+end
+if size == 0 then
+  return {epoch, 0, {}}
+end
+return {epoch, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', size)}
+"""
+
+# KEYS: presence zset, info hash. ARGV: now (ms). Drops members whose process stopped
+# refreshing them; returns their info so their departure can be announced.
+PRUNE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local infos = {}
+if #gone > 0 then
+  infos = redis.call('HMGET', KEYS[2], unpack(gone))
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return infos
+"""
+
+
+# KEYS: ids. ARGV: the highest id in use on this process. After Redis lost its data, new ids
+# must not repeat ones that live connections still hold.
+RAISE_IDS = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+"""
+
+
+def _keys(room):
+    base = "chat:room:" + room
+    return {"seq": base + ":seq", "stream": base + ":history", "epoch": base + ":epoch",
+            "refs": base + ":refs", "presence": base + ":presence", "info": base + ":members",
+            "channel": base}
+
+
+CONTROL = "chat:control"
+CLIENTS = "chat:clients"
+IDS = "chat:ids"
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _message(room, msg_id, fields):
+    """A message dict from a stream entry's flat field list."""
+    f = dict(zip(map(_text, fields[::2]), map(_text, fields[1::2])))
+    message = {"type": "message", "room": room, "id": int(msg_id), "from": json.loads(f["from"]),
+               "text": f["text"], "ts": float(f["ts"])}
+    if f.get("ref"):
+        message["ref"] = f["ref"]
+    return message
+
+
+class RedisBackplane:
+    """Several processes sharing one Redis: pub/sub for events, streams for history, sorted
+    sets for presence. One pub/sub connection per process, read by one greenlet."""
+
+    name = "redis"
+
+    def __init__(self, url, history_size, presence_ttl=30.0):
+        self.url = url
+        self.history_size = history_size
+        self.presence_ttl = presence_ttl  # a process refreshes its members 3 times per TTL
+        self.origin = secrets.token_hex(6)
+        self.redis = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2,
+                                          health_check_interval=0)
+        self._post = self.redis.register_script(POST)
+        self._history = self.redis.register_script(HISTORY)
+        self._prune = self.redis.register_script(PRUNE)
+        self._raise_ids = self.redis.register_script(RAISE_IDS)
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.BusyLoadingError, OSError)
+        self._deliver = None
+        self._local_members = None
+        self._channels = {}  # channel -> Event set once Redis confirmed the subscription
+        self._pending = {}  # channel -> SUBSCRIBE commands not yet confirmed
+        self._sub = None  # the pub/sub connection
+        self._write_lock = None
+        self.up = False
+        self._greenlets = []
+
+    # -- life --------------------------------------------------------------------------
+
+    def start(self, deliver, local_members):
+        """Begin listening; ``local_members()`` returns {room: [member]} for this process,
+        re-announced to Redis on every refresh."""
+
+        self._deliver = deliver
+        self._local_members = local_members
+        self._write_lock = gevent.lock.BoundedSemaphore()
+        self._connected = gevent.event.Event()
+        self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._refresh_forever)]
+        self._connected.wait(SUBSCRIBE_WAIT)
+        if not self.up:
+            log.warning("Redis at %s is not reachable yet; retrying in the background",
+                        self._safe_url())
+
+    def stop(self):
+        for g in self._greenlets:
+            g.kill(block=False)
+        if self._sub is not None:
+            self._sub.disconnect()
+
+    def health(self):
+        return {"backplane": self.name, "redis": "up" if self.up else "down",
+                **({} if self.up else {"status": "degraded"})}
+
+    def _safe_url(self):
+        # Never log a password.
+        kw = self.redis.connection_pool.connection_kwargs
+        return "%s:%s/%s" % (kw.get("host", kw.get("path", "?")), kw.get("port", ""), kw.get("db", 0))
+
+    # -- pub/sub -----------------------------------------------------------------------
+
+    def _listen(self):
+        """The one reader of the pub/sub connection: reconnects with capped backoff,
+        resubscribes, and hands every event to the hub."""
+
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                self._connect_subscriber()
+                delay = BACKOFF_MIN
+                while True:
+                    self._on_reply(self._sub.read_response(push_request=True))
+            except self._errors + (redis.exceptions.ResponseError,) as exc:
+                self._went_down(exc)
+            except Exception:  # noqa: BLE001 - the one boundary of this greenlet
+                log.exception("Redis listener failed; reconnecting")
+                self._went_down(None)
+            gevent.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _connect_subscriber(self):
+
+        if self._sub is not None:
+            self._sub.disconnect()
+        conn = self.redis.connection_pool.make_connection()
+        conn.socket_timeout = None  # pub/sub waits for events as long as it takes
+        conn.connect()
+        self._sub = conn
+        self._pending = {}
+        # A fresh connection has no subscriptions: ask again for every wanted channel.
+        for channel in list(self._channels):
+            self._channels[channel] = gevent.event.Event()
+        with self._write_lock:
+            for channel in [CONTROL] + list(self._channels):
+                self._pending[channel] = self._pending.get(channel, 0) + 1
+                conn.send_command("SUBSCRIBE", channel)
+        self._announce_all()
+        if not self.up:
+            if self._connected.is_set():
+                log.warning("Redis reachable again at %s", self._safe_url())
+            self.up = True
+        self._connected.set()
+
+    def _went_down(self, exc):
+        if self.up:
+            log.error("Redis unreachable (%s); plain-text relay goes on locally, JSON messages "
+                      "are refused with 'unavailable' until it is back", exc)
+        self.up = False
+        for event in self._channels.values():
+            event.clear()
+        if self._sub is not None:
+            self._sub.disconnect()
+            self._sub = None
+
+    def _on_reply(self, reply):
+        kind = _text(reply[0])
+        channel = _text(reply[1])
+        if kind == "message":
+            try:
+                event = json.loads(reply[2])
+            except ValueError:
+                log.warning("dropped a malformed event on %s", channel)
+                return
+            if event.get("k") == "msg":
+                event = {"k": "msg", "message": _message(
+                    event["room"], event["id"], ["from", event["from"], "text", event["text"],
+                                                 "ts", event["ts"], "ref", event.get("ref", "")])}
+            self._deliver(event)
+        elif kind == "subscribe":
+            left = self._pending.get(channel, 1) - 1
+            self._pending[channel] = left
+            if left <= 0 and channel in self._channels:
+                self._channels[channel].set()
+
+    def _send(self, *command):
+        sub = self._sub
+        if sub is None or not self.up:
+            raise Unavailable("Redis is unreachable")
+        try:
+            with self._write_lock:
+                sub.send_command(*command)
+        except self._errors as exc:
+            raise Unavailable(str(exc)) from None
+
+    def watch(self, room):
+        """Subscribe to the room's channel (once per process); returns once Redis confirmed."""
+
+        channel = _keys(room)["channel"]
+        event = self._channels.get(channel)
+        if event is None:
+            event = self._channels[channel] = gevent.event.Event()
+            self._pending[channel] = self._pending.get(channel, 0) + 1
+            try:
+                self._send("SUBSCRIBE", channel)
+            except Unavailable:
+                self._channels.pop(channel, None)
+                raise
+        if not event.wait(SUBSCRIBE_WAIT):
+            raise Unavailable("Redis did not confirm the subscription to %s" % channel)
+
+    def unwatch(self, room):
+        channel = _keys(room)["channel"]
+        if self._channels.pop(channel, None) is not None and self.up:
+            try:
+                self._send("UNSUBSCRIBE", channel)
+            except Unavailable:
+                pass  # a new connection subscribes only to wanted channels anyway
+
+    # -- store -------------------------------------------------------------------------
+
+    def _call(self, fn, *args, **kw):
+        if not self.up:
+            raise Unavailable("Redis is unreachable")
+        try:
+            return fn(*args, **kw)
+        except self._errors as exc:
+            raise Unavailable(str(exc)) from None
+
+    def next_id(self):
+        return int(self._call(self.redis.incr, IDS))
+
+    def online(self, member):
+        self._call(self.redis.zadd, CLIENTS, {member["id"]: self._expiry()})
+
+    def offline(self, member_id):
+        self._call(self.redis.zrem, CLIENTS, member_id)
+
+    def enter(self, room, member):
+        k = _keys(room)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(k["presence"], {member["id"]: self._expiry()})
+        pipe.hset(k["info"], member["id"], json.dumps(member))
+        pipe.zcard(k["presence"])
+        return self._call(pipe.execute)[-1]
+
+    def exit(self, room, member_id):
+        k = _keys(room)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(k["presence"], member_id)
+        pipe.hdel(k["info"], member_id)
+        pipe.zcard(k["presence"])
+        return self._call(pipe.execute)[-1]
+
+    def rename(self, rooms, member):
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            pipe.hset(_keys(room)["info"], member["id"], json.dumps(member))
+        self._call(pipe.execute)
+
+    def members(self, room, limit):
+        k = _keys(room)
+        self._prune_room(room)
+        count = self._call(self.redis.zcard, k["presence"])
+        if not limit or not count:
+            return [], count
+        ids = self._call(self.redis.zrange, k["presence"], 0, limit - 1)
+        infos = self._call(self.redis.hmget, k["info"], ids) if ids else []
+        return [json.loads(i) for i in infos if i], count
+
+    def _prune_room(self, room):
+        """Drop members whose process stopped refreshing them and announce their leaving."""
+        k = _keys(room)
+        gone = self._call(self._prune, keys=[k["presence"], k["info"]],
+                          args=[int(time.time() * 1000)])
+        for info in gone:
+            if info:
+                member = json.loads(info)
+                self.publish(room, {"k": "presence", "room": room, "event": "leave",
+                                    "member": member})
+
+    def history(self, room, since=None, epoch=None):
+        k = _keys(room)
+        got_epoch, recovered, entries = self._call(
+            self._history, keys=[k["seq"], k["stream"], k["epoch"]],
+            args=[self.history_size, "" if since is None else since, epoch or ""])
+        messages = [_message(room, _text(eid).split("-")[0], fields) for eid, fields in entries]
+        if not recovered:
+            messages.reverse()  # XREVRANGE gave newest first
+        return messages, _text(got_epoch) or self._new_epoch_for(room), bool(recovered)
+
+    def _new_epoch_for(self, room):
+        # A room never written to yet: fix its epoch now so clients can quote it later.
+        key = _keys(room)["epoch"]
+        self._call(self.redis.set, key, secrets.token_hex(8), nx=True)
+        return _text(self._call(self.redis.get, key))
+
+    def post(self, room, sender, text, ts, ref=None):
+        k = _keys(room)
+        fresh, msg_id, fields = self._call(
+            self._post, keys=[k["seq"], k["stream"], k["epoch"], k["refs"]],
+            args=[k["channel"], secrets.token_hex(8), self.history_size, json.dumps(sender),
+                  text, repr(ts), ref or "", room, self.origin])
+        return _message(room, msg_id, fields), bool(fresh)
+
+    def publish(self, room, event):
+        """Send an unstored event to every process; in an outage, to this one only."""
+        event = dict(event, o=self.origin)
+        try:
+            self._call(self.redis.publish, _keys(room)["channel"], json.dumps(event))
+        except Unavailable:
+            self._deliver(event)
+
+    def direct(self, to, event):
+        score = self._call(self.redis.zscore, CLIENTS, to)
+        if score is None or score < time.time() * 1000:
+            return False
+        self._call(self.redis.publish, CONTROL, json.dumps(dict(event, o=self.origin)))
+        return True
+
+    # -- presence refresh --------------------------------------------------------------
+
+    def _expiry(self):
+        return int((time.time() + self.presence_ttl) * 1000)
+
+    def _refresh_forever(self):
+
+        while True:
+            gevent.sleep(self.presence_ttl / 3)
+            if not self.up:
+                continue
+            try:
+                self._announce_all()
+                self._send("PING")  # a dead pub/sub connection shows up as an error here
+            except (Unavailable,) + self._errors as exc:
+                log.debug("presence refresh failed: %s", exc)
+            except Exception:  # noqa: BLE001 - the one boundary of this greenlet
+                log.exception("presence refresh failed")
+
+    def _announce_all(self):
+        """Tell Redis again who is connected here, with fresh expiry times."""
+        rooms, everyone = self._local_members()
+        expiry = self._expiry()
+        pipe = self.redis.pipeline(transaction=False)
+        for room, members in rooms.items():
+            if members:
+                k = _keys(room)
+                pipe.zadd(k["presence"], {m["id"]: expiry for m in members})
+                pipe.hset(k["info"], mapping={m["id"]: json.dumps(m) for m in members})
+        if everyone:
+            pipe.zadd(CLIENTS, {m["id"]: expiry for m in everyone})
+            self._raise_ids(keys=[IDS], args=[max(m["id"] for m in everyone)], client=pipe)
+        pipe.zremrangebyscore(CLIENTS, "-inf", int(time.time() * 1000))
+        pipe.execute()
