@@ -15,6 +15,8 @@ EPOCH_MAX = 64
 IDEMPOTENT_REF = range(8, REF_MAX + 1)  # string refs of these lengths are idempotency keys
 
 _ROOM = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+# JSON may spell lone UTF-16 surrogates ("\ud800"), which no UTF-8 frame can carry.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Control and format characters (and line separators) would let a nick fake other lines or
 # reorder text around it; they are refused.
 _BANNED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
@@ -93,7 +95,8 @@ def _ref(obj):
     ref = obj.get("ref")
     if ref is None:
         return None
-    if isinstance(ref, str) and len(ref) <= REF_MAX or _is_int(ref) and abs(ref) < 2 ** 53:
+    if isinstance(ref, str) and len(ref) <= REF_MAX and not _SURROGATE.search(ref) \
+            or _is_int(ref) and abs(ref) < 2 ** 53:
         return ref
     raise ProtocolError("bad_request", "ref must be a string of at most %d characters or an "
                         "integer" % REF_MAX)
@@ -114,6 +117,8 @@ def _text(obj, ref):
         raise ProtocolError("bad_request", "text must be a string", ref)
     if not text.strip():
         raise ProtocolError("bad_request", "text is empty", ref)
+    if _SURROGATE.search(text):
+        raise ProtocolError("bad_request", "text holds a lone UTF-16 surrogate", ref)
     return text
 
 

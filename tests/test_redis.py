@@ -1,0 +1,223 @@
+"""Scale-out: several server processes sharing one real redis-server (REDIS_URL)."""
+import json
+import re
+import signal
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+
+@pytest.fixture
+def pair(start_server, redis_server):
+    """Two server processes on one Redis."""
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "1.5"}
+    return start_server(env=env), start_server(env=env)
+
+
+def health(server):
+    with urllib.request.urlopen(server.url + "/healthz?verbose=1", timeout=3) as r:
+        return json.loads(r.read())
+
+
+def poll(check, timeout=10.0, every=0.1):
+    """The first truthy result of ``check()`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met within %s s" % timeout)
+
+
+def registered(server, n):
+    """Wait until ``server`` holds ``n`` registered connections (plain clients get no welcome)."""
+    poll(lambda: health(server)["connections"] == n)
+
+
+def drain(client, wait=0.5):
+    out = []
+    while True:
+        frame = client.quiet(wait)
+        if frame is None:
+            return out
+        out.append(frame)
+
+
+def test_plain_relay_spans_processes(pair, clients):
+    """The recipe's plain-text lines pass between processes word for word."""
+    a, b = pair
+    p1 = clients.plain(a)
+    registered(a, 1)
+    p2 = clients.plain(b)
+    m = re.fullmatch(r"Client (\d+) connected\.", p1.recv())
+    assert m
+    p2.send("Hello World!")
+    assert p1.recv() == 'Client %s says "Hello World!"' % m.group(1)
+    assert p2.quiet() is None
+    p2.close()
+    assert p1.recv() == "Client %s disconnected." % m.group(1)
+
+
+def test_ids_are_unique_across_processes(pair, clients):
+    """Connection ids come from one counter, whichever process a client reaches."""
+    a, b = pair
+    ids = [clients.json(s).id for s in (a, b, a, b, a, b)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_one_order_per_room_across_processes(pair, clients):
+    """Senders on two processes: every receiver sees the same ids, strictly increasing."""
+    a, b = pair
+    sa, sb = clients.json(a), clients.json(b)
+    ra, rb = clients.json(a), clients.json(b)
+    for n in range(20):
+        sa.send(type="message", text="a%d" % n)
+        sb.send(type="message", text="b%d" % n)
+    seen = {}
+    for name, r in (("ra", ra), ("rb", rb)):
+        got = []
+        while len(got) < 40:
+            msg = r.wait("message")
+            got.append((msg["id"], msg["text"]))
+        seen[name] = got
+    assert seen["ra"] == seen["rb"]
+    assert [i for i, _ in seen["ra"]] == list(range(1, 41))
+
+
+def test_json_presence_and_members_span_processes(pair, clients):
+    """Joins on one process are announced on the other and listed in `members`."""
+    a, b = pair
+    j1 = clients.json(a)
+    j1.send(type="join", room="ops")
+    j1.wait("joined")
+    j2 = clients.json(b)
+    j2.send(type="nick", nick="Bea")
+    j2.wait("nick")
+    j2.send(type="join", room="ops")
+    joined = j2.wait("joined")
+    assert {m["id"] for m in joined["members"]} == {j1.id, j2.id}
+    assert joined["member_count"] == 2
+    pres = j1.wait("presence", room="ops", event="join")
+    assert pres["member"] == {"id": j2.id, "nick": "Bea"}
+    j2.send(type="message", room="ops", text="hi ops")
+    assert j1.wait("message", room="ops")["text"] == "hi ops"
+    j2.send(type="typing", room="ops")
+    assert j1.wait("typing")["from"]["id"] == j2.id
+    j2.send(type="leave", room="ops")
+    assert j1.wait("presence", room="ops", event="leave")["member"]["id"] == j2.id
+
+
+def test_direct_message_to_another_process(pair, clients):
+    """`direct` reaches a connection on another process; unknown ids get `no_such_client`."""
+    a, b = pair
+    j1, j2 = clients.json(a), clients.json(b)
+    j1.send(type="direct", to=j2.id, text="over here")
+    d = j2.wait("direct")
+    assert d["from"]["id"] == j1.id and d["text"] == "over here"
+    j1.send(type="direct", to=j2.id + 1000, text="?", ref="x")
+    assert j1.wait("error")["code"] == "no_such_client"
+
+
+def test_history_and_recovery_from_another_process(pair, clients):
+    """A client that reconnects to the other process recovers exactly what it missed."""
+    a, b = pair
+    sender, reader = clients.json(a), clients.json(a)
+    sender.send(type="message", text="seen")
+    seen = reader.wait("message")
+    epoch = reader.welcome["epoch"]
+    reader.close()
+    for text in ("missed 1", "missed 2"):
+        sender.send(type="message", text=text)
+        sender.wait("ack")
+    back = clients.json(b)
+    assert back.welcome["epoch"] == epoch
+    assert [m["text"] for m in back.welcome["history"]] == ["seen", "missed 1", "missed 2"]
+    back.send(type="join", room="lobby", since=seen["id"], epoch=epoch)
+    joined = back.wait("joined")
+    assert joined["recovered"] is True
+    assert [m["text"] for m in joined["history"]] == ["missed 1", "missed 2"]
+
+
+def test_resend_on_another_process_is_not_stored_twice(pair, clients):
+    """The same string `ref` resent through another process gets the original ack."""
+    a, b = pair
+    s1, watcher = clients.json(a), clients.json(b)
+    ref = str(uuid.uuid4())
+    s1.send(type="message", text="exactly once", ref=ref)
+    first = s1.wait("ack")
+    assert watcher.wait("message")["text"] == "exactly once"
+    s2 = clients.json(b)
+    s2.send(type="message", text="exactly once", ref=ref)
+    again = s2.wait("ack")
+    assert (again["id"], again["ts"]) == (first["id"], first["ts"])
+    assert all(f["type"] != "message" for f in drain(watcher))
+    texts = [m["text"] for m in clients.json(a).welcome["history"]]
+    assert texts == ["exactly once"]
+
+
+def test_dead_process_leaves_no_ghosts(pair, clients):
+    """Members of a process killed outright disappear after PRESENCE_TTL and their leaving is told."""
+    a, b = pair
+    j1 = clients.json(a)
+    ghost = clients.json(b)
+    j1.wait("presence", event="join")
+    b.signal(signal.SIGKILL)
+    b.proc.wait(5)
+
+    def ghost_gone():
+        j = clients.json(a)
+        ids = {m["id"] for m in j.welcome["members"]}
+        j.close()
+        return ghost.id not in ids
+    poll(ghost_gone, timeout=8, every=0.5)
+    j1.wait("presence", event="leave", member=ghost.welcome["members"][-1], timeout=5)
+
+
+def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
+    """Redis down: plain relay goes on locally, JSON messages get `unavailable`, /healthz says
+    degraded, the outage is logged once; Redis back: everything heals, nothing leaks."""
+    a, b = pair
+    p1 = clients.plain(a)
+    registered(a, 1)
+    p2 = clients.plain(a)
+    p1.recv()
+    j_a, j_b = clients.json(a), clients.json(b)
+    for c in (p1, p2):
+        c.recv()  # j_a's arrival on a; j_b's arrival too
+        c.recv()
+    baseline = health(a)["greenlets"]
+
+    redis_server.stop()
+    poll(lambda: health(a)["status"] == "degraded")
+    assert health(a)["redis"] == "down"
+    p2.send("still here")
+    assert re.fullmatch(r'Client \d+ says "still here"', p1.recv())
+    j_a.send(type="message", text="lost?", ref="outage-1")
+    err = j_a.wait("error")
+    assert err["code"] == "unavailable" and err["ref"] == "outage-1"
+    j_a.send(type="ping", ref=1)
+    assert j_a.wait("pong")["ref"] == 1
+
+    redis_server.start()
+    poll(lambda: health(a)["status"] == "ok" and health(b)["status"] == "ok", timeout=15)
+    j_a.send(type="message", text="back", ref="outage-2")
+    assert j_a.wait("ack")["ref"] == "outage-2"
+    assert j_b.wait("message")["text"] == "back"  # resubscribed across processes
+    assert p1.recv() == 'Client %d says "back"' % j_a.id
+    assert len([l for l in a.lines if "Redis unreachable" in l]) == 1
+    assert health(a)["greenlets"] <= baseline + 2
+
+
+def test_starts_while_redis_is_down_and_heals(start_server, redis_server, clients):
+    """A process whose Redis is not up yet starts anyway, degraded, and heals by itself."""
+    redis_server.stop()
+    server = start_server(env={"REDIS_URL": redis_server.url})
+    assert health(server)["status"] == "degraded"
+    redis_server.start()
+    poll(lambda: health(server)["status"] == "ok", timeout=15)
+    j = clients.json(server)
+    j.send(type="message", text="hello")
+    assert j.wait("ack")["id"] == 1
