@@ -287,10 +287,7 @@ def test_subprotocol_name():
 ])
 def test_lone_surrogates_are_refused(obj):
     """Text or ref with a lone surrogate (\\ud800 escape) is refused: it could never be sent as UTF-8."""
-    # BUG: decode() accepts JSON "\ud800" escapes in text and ref. The session then stores the
-    # message in the room history and crashes with UnicodeEncodeError when encoding the
-    # broadcast/ack frame (close 1011), and every later welcome/joined carrying that history
-    # fails the same way. It should raise ProtocolError("bad_request").
+    # Accepted, such a message was stored and then broke every welcome that replayed it.
     text = json.dumps(obj)  # ensure_ascii: the surrogate travels as a \ud800 escape
     try:
         req = protocol.decode(text)
