@@ -39,6 +39,7 @@ def main(argv=None):
     hub.start()
     app = web.create_app(hub, settings, health=shared.health)
     policy = transport.Policy(
+        paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
         outbox_size=settings.outbox_size, is_full=lambda: len(hub) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,

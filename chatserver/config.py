@@ -66,6 +66,15 @@ def _redis_url(raw):
     return url
 
 
+def _bool(raw):
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError("expected 1 or 0, got %r" % raw)
+
+
 def _str(raw):
     return raw.strip()
 
@@ -93,6 +102,8 @@ SETTINGS = (
      "Redis shared by several processes (pub/sub, history, presence); empty: one process"),
     ("PRESENCE_TTL", "30", _float(0.5),
      "with Redis: seconds before the members of a process that died stop being listed"),
+    ("ECHO_ENDPOINT", "0", _bool,
+     "1 adds /echo, which echoes every message back: a testing aid for conformance suites"),
     ("LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -115,6 +126,7 @@ class Settings:
     presence_limit: int
     redis_url: str
     presence_ttl: float
+    echo_endpoint: bool
     log_level: str
 
 

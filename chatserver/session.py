@@ -82,6 +82,18 @@ def serve(ws, hub, settings):
         log.info("Connection %s closed (%s)", conn.id, ws.close_code or "dropped")
 
 
+def echo(ws):
+    """Send every message back as it came (text as text, binary as binary), through the same
+    handshake, limits and frame code as /ws; for conformance suites, off by default."""
+    while True:
+        message = ws.receive()
+        if message is None:
+            break
+        ws.send(message)
+    ws.close()
+    ws.flush(FLUSH_ON_EXIT)
+
+
 def _over_rate(conn):
     """True when this message is over the rate limit; a sustained flood closes the
     connection with 1008."""
