@@ -56,7 +56,22 @@ def test_every_setting_loads_from_empty_environment():
 
 
 NUMERIC = [name for name in ALL_SETTINGS
-           if isinstance(getattr(config.load([], environ={}), name.lower()), (int, float))]
+           if isinstance(getattr(config.load([], environ={}), name.lower()), (int, float))
+           and not isinstance(getattr(config.load([], environ={}), name.lower()), bool)]
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("true", True), ("0", False), ("", False),
+                                        ("off", False)])
+def test_echo_endpoint_is_a_switch(raw, value):
+    """ECHO_ENDPOINT takes 1/0 (true/false, on/off) and is off by default."""
+    assert config.load([], environ={"ECHO_ENDPOINT": raw}).echo_endpoint is value
+    assert config.load([], environ={}).echo_endpoint is False
+
+
+def test_echo_endpoint_rejects_other_words():
+    """ECHO_ENDPOINT=maybe stops start-up naming the setting."""
+    with pytest.raises(ConfigError, match="^ECHO_ENDPOINT:"):
+        config.load([], environ={"ECHO_ENDPOINT": "maybe"})
 
 
 @pytest.mark.parametrize("name", NUMERIC)
