@@ -1,0 +1,441 @@
+"""The frame level of RFC 6455 against the live server: framing errors and their close codes,
+size limits, UTF-8 validation, control frames, keepalive, slow consumers, floods and shutdown."""
+import http.client
+import json
+import re
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import websocket
+
+from tests.clients import ConnectionClosed
+from tests.conftest import Server
+
+
+def _no_traceback(server):
+    unhandled = [l for l in server.lines if "Traceback" in l]
+    assert not unhandled, "server logged a traceback:\n" + server.log()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One default server for the tests of this module that need no special settings (each
+    test uses its own connections); it must log no traceback."""
+    srv = Server()
+    yield srv
+    srv.stop()
+    _no_traceback(srv)
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def raw_client(server, clients, **handshake):
+    raw = clients.raw(server)
+    raw.handshake(**handshake)
+    return raw
+
+
+def close_code(raw, timeout=5):
+    code, _reason = raw.recv_close(timeout)
+    return code
+
+
+def new_client_id(watcher):
+    """The id in the next `Client N connected.` that the plain client ``watcher`` receives."""
+    return int(re.fullmatch(r"Client (\d+) connected\.", watcher.recv()).group(1))
+
+
+def healthz(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def assert_eof(raw, timeout):
+    """The server drops the TCP connection within ``timeout`` s (frames before EOF are skipped);
+    returns the opcodes seen before the EOF."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "still connected after %s s; frames seen %r" % (timeout, seen)
+        try:
+            opcode, _ = raw.recv_frame(left)
+        except (EOFError, ConnectionResetError):
+            return seen
+        except socket.timeout:
+            raise AssertionError("still connected after %s s; frames seen %r" % (timeout, seen))
+        seen.append(opcode)
+
+
+# -- framing errors -----------------------------------------------------------------------
+
+def test_unmasked_client_frame_is_closed_with_1002(server, clients):
+    """A client frame without a mask is a protocol error: close 1002 (RFC 6455 5.1)."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_TEXT, b"hello", mask=False)
+    assert close_code(raw) == 1002
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 4])
+def test_reserved_bits_are_closed_with_1002(server, clients, rsv):
+    """A frame with a reserved bit set and no extension negotiated gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_TEXT, b"hello", rsv=rsv)
+    assert close_code(raw) == 1002
+
+
+@pytest.mark.parametrize("opcode", [0x3, 0x7, 0xB, 0xF])
+def test_unknown_opcode_is_closed_with_1002(server, clients, opcode):
+    """A reserved opcode gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(opcode, b"x")
+    assert close_code(raw) == 1002
+
+
+def test_fragmented_ping_is_closed_with_1002(server, clients):
+    """A control frame without FIN (a fragmented ping) gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_PING, b"abc", fin=False)
+    assert close_code(raw) == 1002
+
+
+def test_long_control_frame_is_closed_with_1002(server, clients):
+    """A ping longer than 125 bytes gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_PING, b"p" * 126)
+    assert close_code(raw) == 1002
+
+
+def test_continuation_without_start_is_closed_with_1002(server, clients):
+    """A continuation frame with no message in progress gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CONT, b"orphan")
+    assert close_code(raw) == 1002
+
+
+def test_new_message_inside_fragmented_one_is_closed_with_1002(server, clients):
+    """A text frame while a fragmented message is unfinished gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_TEXT, b"first", fin=False)
+    raw.send_frame(OP_TEXT, b"second")
+    assert close_code(raw) == 1002
+
+
+# -- sizes --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small():
+    """A server with MAX_MESSAGE_SIZE=1000, shared by the size tests."""
+    srv = Server(env={"MAX_MESSAGE_SIZE": "1000"})
+    yield srv
+    srv.stop()
+    _no_traceback(srv)
+
+
+def test_huge_announced_frame_is_closed_with_1009_before_payload(small, clients):
+    """A header announcing 10,000,000 bytes gets close 1009 at once, without any payload sent."""
+    raw = raw_client(small, clients)
+    raw.send_frame(OP_TEXT, b"", length=10_000_000)  # the header and mask only
+    start = time.monotonic()
+    assert close_code(raw, timeout=2) == 1009
+    assert time.monotonic() - start < 1.0
+
+
+def test_fragments_over_the_limit_are_closed_with_1009(small, clients):
+    """Fragments of 600 + 600 bytes exceed MAX_MESSAGE_SIZE=1000 together: close 1009."""
+    raw = raw_client(small, clients)
+    raw.send_frame(OP_TEXT, b"a" * 600, fin=False)
+    raw.send_frame(OP_CONT, b"b" * 600)
+    assert close_code(raw) == 1009
+
+
+@pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY])
+def test_one_byte_over_the_limit_is_closed_with_1009(small, clients, opcode):
+    """A single frame of MAX_MESSAGE_SIZE + 1 bytes, text or binary, gets close 1009."""
+    raw = raw_client(small, clients)
+    raw.send_frame(opcode, b"a" * 1001)
+    assert close_code(raw) == 1009
+
+
+def test_64bit_length_with_top_bit_set_is_closed_with_1002(small, clients):
+    """A 64-bit payload length with its most significant bit set gets close 1002 (RFC 6455 5.2)."""
+    raw = raw_client(small, clients)
+    raw.sock.sendall(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 1 << 63) + b"\0\0\0\0")
+    assert close_code(raw) == 1002
+
+
+def test_message_of_exactly_the_limit_is_relayed(small, clients):
+    """A message of exactly MAX_MESSAGE_SIZE bytes, in two fragments, is accepted and relayed."""
+    watcher = clients.plain(small)
+    raw = raw_client(small, clients)
+    raw_id = new_client_id(watcher)
+    raw.send_frame(OP_TEXT, b"x" * 400, fin=False)
+    raw.send_frame(OP_CONT, b"y" * 600)
+    assert watcher.recv() == 'Client %d says "%s"' % (raw_id, "x" * 400 + "y" * 600)
+    raw.send_text("z" * 1000)
+    assert watcher.recv() == 'Client %d says "%s"' % (raw_id, "z" * 1000)
+
+
+# -- UTF-8 --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fragments", [
+    [b"\xff"],                                  # never valid in UTF-8
+    [b"abc\xed\xa0\x80"],                       # an encoded surrogate
+    [b"caf\xc3", b"\x28"],                      # invalid continuation in the next fragment
+    [b"ok \xe2\x82", b"\x28 rest"],             # a 3-byte char broken across fragments
+    [b"abc", b"\xe2\x82"],                      # truncated char at the end of the final fragment
+    [b"abc\xf0\x9f", b""],                      # truncated char, then an empty final fragment
+    [b"abc\xf0\x9f\x98"],                       # truncated char in a single frame
+], ids=["ff", "surrogate", "split-bad-cont", "split-3byte", "truncated-final", "truncated-empty-final",
+        "truncated-single"])
+def test_invalid_utf8_is_closed_with_1007(server, clients, fragments):
+    """A text message that is not valid UTF-8, however it is fragmented, gets close 1007."""
+    raw = raw_client(server, clients)
+    for i, part in enumerate(fragments):
+        raw.send_frame(OP_TEXT if i == 0 else OP_CONT, part, fin=i == len(fragments) - 1)
+    assert close_code(raw) == 1007
+
+
+def test_multibyte_chars_split_across_fragments_are_relayed_intact(server, clients):
+    """Valid characters split between fragments arrive whole at a plain client."""
+    watcher = clients.plain(server)
+    raw = raw_client(server, clients)
+    raw_id = new_client_id(watcher)
+    text = "h\u00e9llo \u20ac \U0001F44B!"
+    data = text.encode("utf-8")
+    # cut inside é (2 bytes), inside € (3 bytes) and twice inside 👋 (4 bytes)
+    cuts = [2, data.index(b"\xe2") + 1, data.index(b"\xf0") + 1, data.index(b"\xf0") + 3]
+    parts = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    assert b"".join(parts) == data and len(parts) == 5
+    for i, part in enumerate(parts):
+        raw.send_frame(OP_TEXT if i == 0 else OP_CONT, part, fin=i == len(parts) - 1)
+    assert watcher.recv() == 'Client %d says "%s"' % (raw_id, text)
+
+
+def test_control_frames_between_fragments_are_allowed(server, clients):
+    """A ping between two fragments is answered and the message still arrives."""
+    watcher = clients.plain(server)
+    raw = raw_client(server, clients)
+    raw_id = new_client_id(watcher)
+    raw.send_frame(OP_TEXT, b"one ", fin=False)
+    raw.send_frame(OP_PING, b"mid")
+    raw.send_frame(OP_CONT, b"two")
+    assert raw.recv_frame() == (OP_PONG, b"mid")
+    assert watcher.recv() == 'Client %d says "one two"' % raw_id
+
+
+# -- control frames -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"", b"payload-123", bytes(range(125))])
+def test_ping_is_answered_with_pong_of_same_payload(server, clients, payload):
+    """The server answers a ping with a pong carrying the same payload."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_PING, payload)
+    assert raw.recv_frame() == (OP_PONG, payload)
+
+
+def test_close_1000_is_echoed_with_1000(server, clients):
+    """A client's close frame with code 1000 is answered with a close frame carrying 1000."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
+    opcode, payload = raw.recv_frame()
+    assert opcode == OP_CLOSE
+    assert len(payload) >= 2, "the close frame must carry a status code, not be empty"
+    assert struct.unpack("!H", payload[:2])[0] == 1000
+    assert_eof(raw, 3)
+
+
+def test_close_with_application_code_is_echoed(server, clients):
+    """A close frame with a valid application code (4000) is answered with that code."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, struct.pack("!H", 4000))
+    assert close_code(raw) == 4000
+
+
+@pytest.mark.parametrize("code", [1005, 1006, 1015, 999, 2000])
+def test_close_with_invalid_code_is_1002(server, clients, code):
+    """A close frame with a code that must not be sent on the wire gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, struct.pack("!H", code))
+    assert close_code(raw) == 1002
+
+
+def test_close_reason_that_is_not_utf8_is_1007(server, clients):
+    """A close frame whose reason is not valid UTF-8 gets close 1007."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff\xfe")
+    assert close_code(raw) == 1007
+
+
+def test_unsolicited_pong_is_ignored(server, clients):
+    """An unsolicited pong is allowed (RFC 6455 5.5.3): the connection goes on."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_PONG, b"unasked")
+    raw.send_frame(OP_PING, b"still there?")
+    assert raw.recv_frame() == (OP_PONG, b"still there?")
+
+
+def test_close_with_one_byte_payload_is_1002(server, clients):
+    """A close frame whose payload is a single byte gets close 1002."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, b"\x03")
+    assert close_code(raw) == 1002
+
+
+# -- heartbeat ----------------------------------------------------------------------------
+
+@pytest.fixture
+def beating(start_server):
+    """A server pinging every 0.2 s and dropping peers silent for 1 s."""
+    return start_server(env={"PING_INTERVAL": "0.2", "PING_TIMEOUT": "1"})
+
+
+def test_silent_raw_client_gets_pings_then_is_dropped(beating, clients):
+    """A raw client receives ping frames and, never answering them, is dropped within ~3 s."""
+    raw = raw_client(beating, clients)
+    start = time.monotonic()
+    seen = assert_eof(raw, 3.5)
+    assert seen.count(OP_PING) >= 2, seen
+    assert time.monotonic() - start < 3.5
+    beating.wait_for_log(r"dropping connection \d+: silent")
+
+
+def test_client_answering_pings_stays_connected(beating, clients):
+    """A websocket-client connection, which pongs every ping, is still served after 2.5 s."""
+    j = clients.json(beating)
+    pings = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        j.ws.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            opcode, _frame = j.ws.recv_data_frame(control_frame=True)  # pongs each ping
+        except websocket.WebSocketTimeoutException:
+            break
+        assert opcode == websocket.ABNF.OPCODE_PING, opcode
+        pings += 1
+    assert pings >= 5
+    j.send(type="ping", ref=1)
+    assert j.wait("pong", timeout=2) == {"type": "pong", "ref": 1}
+    assert healthz(beating)["connections"] == 1
+
+
+# -- slow consumer ------------------------------------------------------------------------
+
+def test_slow_consumer_is_dropped_while_others_get_everything(start_server, clients):
+    """A client that stops reading is closed as a slow consumer; a reading one gets all, in order."""
+    server = start_server(env={"OUTBOX_SIZE": "8", "RATE_LIMIT": "0"})
+    reader = clients.plain(server)
+    slow = raw_client(server, clients)  # never reads again
+    slow_id = new_client_id(reader)
+    sender = clients.plain(server)
+    sender_id = new_client_id(reader)
+    assert healthz(server)["connections"] == 3
+
+    # The kernel buffers a few MB for the silent peer before the server has to queue, so the
+    # sender goes on (1 KiB a message) until the server gives up on it; it never runs more
+    # than `ahead` messages in front of the reader, whose own outbox must not fill.
+    pad, ahead, cap = "x" * 1024, 400, 30000
+    got, errors, done = [], [], threading.Event()
+
+    def read_all():
+        try:
+            while True:
+                line = reader.recv(timeout=10)
+                if line == 'Client %d says "END"' % sender_id:
+                    return
+                if line.startswith("Client %d says" % sender_id):
+                    got.append(line)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=read_all, daemon=True)
+    thread.start()
+    sent, dropped_at = 0, None
+    while sent < cap and (dropped_at is None or sent < dropped_at + 500):
+        if sent - len(got) > ahead:
+            assert not done.is_set(), ("reader stopped", errors)
+            time.sleep(0.001)
+            continue
+        sender.send("%05d %s" % (sent, pad))
+        sent += 1
+        if dropped_at is None and sent % 100 == 0 and any("slow consumer" in l for l in server.lines):
+            dropped_at = sent
+    sender.send("END")
+    assert done.wait(20), "reader got only %d of %d" % (len(got), sent)
+    assert not errors, errors
+    assert dropped_at is not None, "no slow consumer closed after %d messages:\n%s" % (sent, server.log())
+    assert len(got) == sent
+    assert got == ['Client %d says "%05d %s"' % (sender_id, i, pad) for i in range(sent)]
+
+    # the slow client leaves the registry (it gets SLOW_CLOSE_WAIT to take its close frame)
+    assert reader.recv(timeout=10) == "Client %d disconnected." % slow_id
+    assert healthz(server)["connections"] == 2
+    server.wait_for_log(r"Connection %d closed \(1008\)" % slow_id)
+
+
+# -- flood --------------------------------------------------------------------------------
+
+def test_flood_gets_rate_limited_then_closed_1008(start_server, clients):
+    """A JSON client over RATE_LIMIT gets `rate_limited` errors then close 1008; others go on."""
+    server = start_server(env={"RATE_LIMIT": "5", "RATE_BURST": "5"})
+    other = clients.json(server)
+    flooder = clients.json(server)
+    other.wait("presence", event="join")
+    for i in range(30):
+        flooder.send(type="message", room="lobby", text="spam %d" % i, ref=i)
+    frames_seen = []
+    with pytest.raises(ConnectionClosed) as closed:
+        for _ in range(100):
+            frames_seen.append(flooder.recv(timeout=5))
+    assert closed.value.code == 1008
+    kinds = [(f["type"], f.get("code")) for f in frames_seen]
+    assert ("error", "rate_limited") in kinds, kinds
+    first_error = kinds.index(("error", "rate_limited"))
+    assert first_error >= 1 and all(k == ("ack", None) for k in kinds[:first_error]), kinds
+    assert all(k == ("error", "rate_limited") for k in kinds[first_error:]), kinds
+    assert len(frames_seen) < 30, "the flood was closed before all 30 were answered"
+
+    # the other client is unaffected: it can still say something and be heard
+    watcher = clients.plain(server)
+    other.send(type="message", room="lobby", text="still here", ref="r-1")
+    assert other.wait("ack", ref="r-1")["room"] == "lobby"
+    assert watcher.recv() == 'Client %d says "still here"' % other.id
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+def test_sigterm_closes_clients_with_1001_and_exits_0(start_server, clients):
+    """SIGTERM sends every client close 1001, then the process exits with status 0 within 8 s."""
+    server = start_server()
+    a = clients.plain(server)
+    b = clients.json(server)
+    a.recv()  # b's arrival
+    server.signal()
+    start = time.monotonic()
+    assert a.recv_until_closed().code == 1001
+    closed = b.recv_until_closed()
+    assert closed.code == 1001
+    assert "shutting down" in closed.reason
+    assert server.proc.wait(max(0.1, 8 - (time.monotonic() - start))) == 0
+
+
+def test_sigterm_exits_even_when_a_peer_never_answers_the_close(start_server, clients):
+    """A client that never answers the 1001 close does not keep the process alive past 8 s."""
+    server = start_server()
+    raw = raw_client(server, clients)
+    plain = clients.plain(server)
+    server.signal()
+    start = time.monotonic()
+    assert close_code(raw) == 1001  # read, never answered
+    assert plain.recv_until_closed().code == 1001
+    assert server.proc.wait(max(0.1, 8 - (time.monotonic() - start))) == 0
+    assert_eof(raw, 1)
