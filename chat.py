@@ -13,7 +13,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from chatserver import backplane, config, frames, session, transport, web  # noqa: E402
+from chatserver import backplane, config, frames, session, transport, wamp, web  # noqa: E402
 from chatserver.hub import Hub  # noqa: E402
 
 log = logging.getLogger("chat")
@@ -36,10 +36,12 @@ def main(argv=None):
     else:
         shared = backplane.LocalBackplane(settings.history_size)
     hub = Hub(settings, shared)
+    router = wamp.Router(hub, settings.wamp_realm)
     hub.start()
-    app = web.create_app(hub, settings, health=shared.health)
+    app = web.create_app(hub, settings, health=shared.health, router=router)
     policy = transport.Policy(
         paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
+        subprotocols=("chat.v1", wamp.SUBPROTOCOL),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
         outbox_size=settings.outbox_size, is_full=lambda: len(hub) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,

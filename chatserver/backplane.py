@@ -114,6 +114,10 @@ class LocalBackplane:
     def publish(self, room, event):
         self._deliver(event)
 
+    def publish_all(self, event):
+        """An event for every process, whatever rooms it watches."""
+        self._deliver(event)
+
     def direct(self, to, event):
         """Deliver ``event`` to connection ``to``; False when no such connection exists."""
         if to not in self._online:
@@ -506,6 +510,9 @@ class RedisBackplane:
             self._call(self.redis.publish, _keys(room)["channel"], json.dumps(event))
         except Unavailable:
             self._deliver(event)
+
+    def publish_all(self, event):
+        self._call(self.redis.publish, CONTROL, json.dumps(dict(event, o=self.origin)))
 
     def direct(self, to, event):
         score = self._call(self.redis.zscore, CLIENTS, to)

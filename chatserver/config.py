@@ -75,6 +75,14 @@ def _bool(raw):
     raise ConfigError("expected 1 or 0, got %r" % raw)
 
 
+def _realm(raw):
+    realm = raw.strip()
+    if not realm or any(not part or any(c.isspace() or c == "#" for c in part)
+                        for part in realm.split(".")):
+        raise ConfigError("expected a WAMP URI like realm1 or com.example.chat, got %r" % raw)
+    return realm
+
+
 def _str(raw):
     return raw.strip()
 
@@ -102,6 +110,8 @@ SETTINGS = (
      "Redis shared by several processes (pub/sub, history, presence); empty: one process"),
     ("PRESENCE_TTL", "30", _float(0.5),
      "with Redis: seconds before the members of a process that died stop being listed"),
+    ("WAMP_REALM", "realm1", _realm,
+     "the WAMP realm whose topics chat.room.<room> are the chat rooms"),
     ("ECHO_ENDPOINT", "0", _bool,
      "1 adds /echo, which echoes every message back: a testing aid for conformance suites"),
     ("LOG_LEVEL", "INFO", _level, "DEBUG, INFO, WARNING or ERROR"),
@@ -126,6 +136,7 @@ class Settings:
     presence_limit: int
     redis_url: str
     presence_ttl: float
+    wamp_realm: str
     echo_endpoint: bool
     log_level: str
 

@@ -37,6 +37,9 @@ class Hub:
         self.backplane = backplane
         self.clients = {}
         self.local = {}
+        self.followed = {}  # room -> how many non-member listeners (the WAMP bridge) follow it
+        self._listeners = {}  # event kind -> handler, for kinds other dialects own
+        self._message_hooks = []
         self._clock = clock
 
     def start(self):
@@ -88,6 +91,42 @@ class Hub:
 
     def stats(self):
         return {"connections": len(self.clients), "rooms": len(self.local)}
+
+    # -- other dialects ------------------------------------------------------------------
+
+    def listen(self, kind, handler):
+        """Route backplane events of ``kind`` to ``handler`` (the WAMP router's own events)."""
+        self._listeners[kind] = handler
+
+    def on_message(self, hook):
+        """Call ``hook(message)`` for every chat message delivered to this process."""
+        self._message_hooks.append(hook)
+
+    def follow(self, room):
+        """Receive ``room``'s messages on this process without being a member of it."""
+        if not self.followed.get(room) and room not in self.local:
+            self.backplane.watch(room)
+        self.followed[room] = self.followed.get(room, 0) + 1
+
+    def unfollow(self, room):
+        left = self.followed.get(room, 0) - 1
+        if left > 0:
+            self.followed[room] = left
+            return
+        self.followed.pop(room, None)
+        if room not in self.local:
+            self.backplane.unwatch(room)
+
+    def post_as(self, who, room, text):
+        """Store and relay a chat message from a non-member (``who`` = {id, nick}); returns
+        the message. Raises ProtocolError for bad text or when the store is unreachable."""
+        if not isinstance(text, str) or not text.strip() or protocol.has_surrogate(text):
+            raise ProtocolError("bad_request", "the first argument must be the message text")
+        try:
+            message, _fresh = self.backplane.post(room, who, text, self._clock())
+        except Unavailable:
+            raise _unavailable("the message was not stored") from None
+        return message
 
     # -- requests ------------------------------------------------------------------------
 
@@ -171,6 +210,8 @@ class Hub:
             plain = 'Client %d says "%s"' % (message["from"]["id"], message["text"]) \
                 if room == LOBBY else None
             self._fanout(room, message, plain, message["from"]["id"], message["id"])
+            for hook in self._message_hooks:
+                hook(message)
         elif kind == "presence":
             room, member = event["room"], event["member"]
             plain = None
@@ -194,6 +235,8 @@ class Hub:
             target.send(frames.text_frame(body))
         elif kind == "plain":
             self._fanout(event["room"], None, event["text"], event["from"])
+        elif kind in self._listeners:
+            self._listeners[kind](event)
         else:
             log.warning("dropped an event of unknown kind %r", kind)
 
@@ -255,7 +298,8 @@ class Hub:
                 self._exit(client, name)
             elif new and not self.local.get(name):
                 self.local.pop(name, None)
-                self.backplane.unwatch(name)
+                if not self.followed.get(name):
+                    self.backplane.unwatch(name)
             raise
         return {"members": members, "member_count": count, "history": history,
                 "epoch": room_epoch, "recovered": recovered}
@@ -284,7 +328,8 @@ class Hub:
             self._publish_presence(name, "leave", client)
         if not members:
             self.local.pop(name, None)
-            self.backplane.unwatch(name)
+            if not self.followed.get(name):
+                self.backplane.unwatch(name)
 
     def _announce(self, name, event, client):
         members, count = self._members_quietly(name)

@@ -87,6 +87,10 @@ def clean_nick(raw):
     return nick
 
 
+def has_surrogate(text):
+    return _SURROGATE.search(text) is not None
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -9,7 +9,7 @@ import time
 
 import gevent
 
-from . import frames, protocol
+from . import frames, protocol, wamp
 from .backplane import Unavailable
 from .hub import JSON, PLAIN
 from .protocol import ProtocolError
@@ -42,8 +42,10 @@ class Connection:
         self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))
 
 
-def serve(ws, hub, settings):
+def serve(ws, hub, settings, router=None):
     """Run one WebSocket connection until it ends; never raises."""
+    if ws.subprotocol == wamp.SUBPROTOCOL:
+        return serve_wamp(ws, router, settings)
     dialect = JSON if ws.subprotocol == protocol.SUBPROTOCOL else PLAIN
     conn = Connection(ws, dialect, settings)
     try:
@@ -82,6 +84,33 @@ def serve(ws, hub, settings):
         log.info("Connection %s closed (%s)", conn.id, ws.close_code or "dropped")
 
 
+def serve_wamp(ws, router, settings):
+    """Run one WAMP session (``wamp.2.json``) until it ends; never raises."""
+    conn = Connection(ws, "wamp", settings)
+    session = wamp.Session(ws.send_frame_bytes, ws.close)
+    try:
+        while True:
+            message = ws.receive()
+            if message is None:
+                break
+            if isinstance(message, bytes):
+                router.handle(session, "binary")  # not JSON: ABORT protocol_violation
+                break
+            if _over_rate(conn):
+                router.refuse(session, message, "chat.error.rate_limited",
+                              "at most %g messages per second" % settings.rate_limit)
+                continue
+            if not router.handle(session, message):
+                break
+    except Exception:  # noqa: BLE001 - the one boundary of this greenlet
+        log.exception("WAMP session %s failed", session.id)
+        ws.close(frames.SERVER_ERROR, "server error")
+    finally:
+        router.leave(session)
+        ws.close()
+        ws.flush(FLUSH_ON_EXIT)
+
+
 def echo(ws):
     """Send every message back as it came (text as text, binary as binary), through the same
     handshake, limits and frame code as /ws; for conformance suites, off by default."""
@@ -102,7 +131,7 @@ def _over_rate(conn):
         return False
     conn.strikes += 1
     if conn.strikes > conn.bucket.burst:
-        log.warning("closing connection %d: flooding", conn.id)
+        log.warning("closing connection %s: flooding", conn.id)
         conn.ws.close(frames.POLICY, "flooding: too many messages")
     return True
 

@@ -1,0 +1,424 @@
+"""A WAMP v2 router, Basic Profile, for the ``wamp.2.json`` subprotocol, bridged to the chat.
+
+Message codes, ids and error URIs follow the WAMP specification (wamp-proto.org, "Basic
+Profile"). The router keeps realms of sessions; each realm has a broker (topics and their
+subscribers) and a dealer (procedures and their callees). No I/O here: a session is given a
+``send(frame_bytes)`` and the router calls it.
+
+The bridge: in the realm ``WAMP_REALM`` (default ``realm1``), topic ``chat.room.<room>`` is
+chat room ``<room>``. Chat messages are published to it as EVENTs with ``args`` ``[text]``
+and ``kwargs`` ``{id, room, from, ts}``; a PUBLISH to it becomes a chat message from that
+WAMP session, stored in history and seen by plain-text and JSON clients alike.
+
+Pub/sub reaches subscribers on every process through the backplane; RPC stays within one
+process (a callee serves the callers connected to the same process).
+"""
+import json
+import logging
+import random
+import re
+
+from . import frames, protocol
+from .backplane import Unavailable
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "wamp.2.json"
+HELLO, WELCOME, ABORT, GOODBYE, ERROR = 1, 2, 3, 6, 8
+PUBLISH, PUBLISHED, SUBSCRIBE, SUBSCRIBED, UNSUBSCRIBE, UNSUBSCRIBED, EVENT = \
+    16, 17, 32, 33, 34, 35, 36
+CALL, RESULT, REGISTER, REGISTERED, UNREGISTER, UNREGISTERED, INVOCATION, YIELD = \
+    48, 50, 64, 65, 66, 67, 68, 70
+
+_REQUESTS = (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CALL, REGISTER, UNREGISTER)
+ROOM_TOPIC = "chat.room."
+MAX_ID = 2 ** 53
+# Loose URIs, as the specification's "relaxed" rule: dot-separated components without
+# whitespace, '#' or empty parts.
+_URI = re.compile(r"[^\s.#]+(\.[^\s.#]+)*\Z")
+ROUTER_ROLES = {"broker": {"features": {"publisher_exclusion": True}},
+                "dealer": {"features": {}}}
+
+
+def new_id():
+    """A global-scope id: random in [1, 2^53] (WAMP section "IDs")."""
+    return random.randint(1, MAX_ID)
+
+
+def valid_uri(uri):
+    return isinstance(uri, str) and len(uri) <= 255 and _URI.match(uri) is not None
+
+
+class Violation(Exception):
+    """The peer broke the protocol; the session ends with ABORT."""
+
+
+def _is_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
+def _payload(args, kwargs):
+    """The optional Arguments|list, ArgumentsKw|dict tail of a message."""
+    if kwargs:
+        return [args or [], kwargs]
+    if args:
+        return [args]
+    return []
+
+
+class Session:
+    """One WAMP session on one connection; ``send`` takes complete frames."""
+
+    def __init__(self, send, close):
+        self.send_frame = send
+        self.close = close
+        self.id = None
+        self.realm = None
+        self.chat = None  # {id, nick} in the bridged realm
+        self.subscriptions = set()  # subscription ids
+        self.registrations = set()  # registration ids
+        self.next_request = 0
+
+    def send(self, msg):
+        self.send_frame(frames.text_frame(protocol.encode(msg)))
+
+    def request_id(self):
+        """Router-originated request ids (INVOCATION) count up per session."""
+        self.next_request = self.next_request + 1 if self.next_request < MAX_ID else 1
+        return self.next_request
+
+
+class Realm:
+    """Shape: sessions[id] = Session; topics[uri] = subscription id; subscribers[sub id] =
+    {session}; procedures[uri] = registration id; callees[reg id] = (uri, Session);
+    calls[(callee id, invocation id)] = (caller, call request id)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.sessions = {}
+        self.topics = {}
+        self.subscribers = {}
+        self.topic_of = {}
+        self.procedures = {}
+        self.callees = {}
+        self.calls = {}
+
+
+class Router:
+    """The realms of this process and the bridge to the hub."""
+
+    def __init__(self, hub, bridge_realm="realm1"):
+        self.hub = hub
+        self.bridge_realm = bridge_realm
+        self.realms = {}
+        hub.listen("wamp", self._on_event)
+        hub.on_message(self._on_chat_message)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def handle(self, session, text):
+        """Process one frame from ``session``; returns False when the session is over."""
+        try:
+            msg = json.loads(text)
+        except (ValueError, RecursionError):
+            return self._abort(session, "wamp.error.protocol_violation", "message is not JSON")
+        if not (isinstance(msg, list) and msg and isinstance(msg[0], int)):
+            return self._abort(session, "wamp.error.protocol_violation",
+                               "a message is a JSON array starting with its type code")
+        try:
+            if session.realm is None:
+                return self._hello(session, msg)
+            handler = self._HANDLERS.get(msg[0])
+            if handler is None:
+                raise Violation("unexpected message type %d" % msg[0])
+            return handler(self, session, msg)
+        except (Violation, IndexError, TypeError, ValueError, KeyError) as exc:
+            reason = str(exc) if isinstance(exc, Violation) else "malformed message"
+            return self._abort(session, "wamp.error.protocol_violation", reason)
+
+    def refuse(self, session, text, uri, reason):
+        """Answer a request that is dropped before handling (over the rate limit) with an
+        ERROR, so a caller does not wait for nothing."""
+        try:
+            msg = json.loads(text)
+        except (ValueError, RecursionError):
+            return
+        if isinstance(msg, list) and len(msg) > 1 and msg[0] in _REQUESTS and _is_id(msg[1]):
+            session.send([ERROR, msg[0], msg[1], {}, uri, [reason]])
+
+    def _abort(self, session, uri, message):
+        session.send([ABORT, {"message": message}, uri])
+        self.leave(session)
+        return False
+
+    def _hello(self, session, msg):
+        if msg[0] != HELLO or len(msg) != 3:
+            raise Violation("the first message must be HELLO")
+        realm, details = msg[1], msg[2]
+        if not valid_uri(realm) or not isinstance(details, dict):
+            raise Violation("HELLO needs a realm URI and a details dict")
+        if not isinstance(details.get("roles"), dict) or not details["roles"]:
+            raise Violation("HELLO must announce at least one role")
+        r = self.realms.get(realm)
+        if r is None:
+            r = self.realms[realm] = Realm(realm)
+        session.id = new_id()
+        while session.id in r.sessions:
+            session.id = new_id()
+        if realm == self.bridge_realm:
+            try:
+                chat_id = self.hub.backplane.next_id()
+            except Unavailable:
+                session.send([ABORT, {"message": "the shared store is unreachable; try again "
+                                      "later"}, "wamp.error.system_shutdown"])
+                return False
+            session.chat = {"id": chat_id, "nick": "Client %d" % chat_id}
+        session.realm = r
+        r.sessions[session.id] = session
+        session.send([WELCOME, session.id, {"roles": ROUTER_ROLES, "authrole": "anonymous",
+                                            "authmethod": "anonymous", "agent": "chatserver"}])
+        log.info("WAMP session %d joined realm %s", session.id, realm)
+        return True
+
+    def leave(self, session):
+        """Forget ``session``: its subscriptions, registrations and pending calls."""
+        r = session.realm
+        if r is None:
+            return
+        session.realm = None
+        r.sessions.pop(session.id, None)
+        for sub_id in list(session.subscriptions):
+            self._unsubscribe(r, session, sub_id)
+        for reg_id in list(session.registrations):
+            self._unregister(r, session, reg_id)
+        for key, (caller, request) in list(r.calls.items()):
+            callee_id, _inv = key
+            if callee_id == session.id:
+                del r.calls[key]
+                caller.send([ERROR, CALL, request, {}, "wamp.error.canceled",
+                             ["callee disconnected from in-flight request"]])
+            elif caller is session:
+                del r.calls[key]
+        if not r.sessions:
+            del self.realms[r.name]
+        log.info("WAMP session %d left realm %s", session.id, r.name)
+
+    def _goodbye(self, session, msg):
+        session.send([GOODBYE, {}, "wamp.close.goodbye_and_out"])
+        self.leave(session)
+        return False
+
+    # -- broker --------------------------------------------------------------------------
+
+    def _subscribe(self, session, msg):
+        _, request, options, topic = msg[:4]
+        self._check_request(request, options)
+        r = session.realm
+        if not valid_uri(topic):
+            return self._error(session, SUBSCRIBE, request, "wamp.error.invalid_uri")
+        sub_id = r.topics.get(topic)
+        if sub_id is None:
+            sub_id = r.topics[topic] = new_id()
+            r.subscribers[sub_id] = set()
+            r.topic_of[sub_id] = topic
+        room = self._bridged_room(r, topic)
+        if room is not None and session not in r.subscribers[sub_id]:
+            try:
+                self.hub.follow(room)
+            except Unavailable:
+                return self._error(session, SUBSCRIBE, request, "wamp.error.unavailable")
+        r.subscribers[sub_id].add(session)
+        session.subscriptions.add(sub_id)
+        session.send([SUBSCRIBED, request, sub_id])
+        return True
+
+    def _unsubscribe_msg(self, session, msg):
+        _, request, sub_id = msg[:3]
+        self._check_request(request)
+        if sub_id not in session.subscriptions:
+            return self._error(session, UNSUBSCRIBE, request, "wamp.error.no_such_subscription")
+        self._unsubscribe(session.realm, session, sub_id)
+        session.send([UNSUBSCRIBED, request])
+        return True
+
+    def _unsubscribe(self, r, session, sub_id):
+        session.subscriptions.discard(sub_id)
+        subscribers = r.subscribers.get(sub_id, set())
+        subscribers.discard(session)
+        topic = r.topic_of.get(sub_id)
+        room = self._bridged_room(r, topic) if topic else None
+        if room is not None:
+            self.hub.unfollow(room)
+        if not subscribers:
+            r.subscribers.pop(sub_id, None)
+            r.topic_of.pop(sub_id, None)
+            r.topics.pop(topic, None)
+
+    def _publish(self, session, msg):
+        _, request, options, topic = msg[:4]
+        self._check_request(request, options)
+        args, kwargs = self._args(msg, 4)
+        r = session.realm
+        acknowledge = options.get("acknowledge") is True
+        if not valid_uri(topic) or topic.startswith("wamp."):
+            return self._error(session, PUBLISH, request, "wamp.error.invalid_uri") \
+                if acknowledge else True
+        pub_id = new_id()
+        room = self._bridged_room(r, topic)
+        if room is not None:
+            text = args[0] if args else None
+            try:
+                self.hub.post_as(session.chat, room, text)
+            except ProtocolError as exc:
+                if acknowledge:
+                    uri = "wamp.error.unavailable" if exc.code == "unavailable" \
+                        else "wamp.error.invalid_argument"
+                    self._error(session, PUBLISH, request, uri, [exc.message])
+                return True
+        else:
+            event = {"k": "wamp", "realm": r.name, "topic": topic, "pub": pub_id,
+                     "args": args, "kwargs": kwargs, "publisher": session.id}
+            try:
+                self.hub.backplane.publish_all(event)
+            except Unavailable:
+                if acknowledge:
+                    self._error(session, PUBLISH, request, "wamp.error.unavailable")
+                return True
+        if acknowledge:
+            session.send([PUBLISHED, request, pub_id])
+        return True
+
+    def _on_event(self, event):
+        """A non-bridged publication from any process: EVENT to the local subscribers."""
+        r = self.realms.get(event.get("realm"))
+        if r is None:
+            return
+        sub_id = r.topics.get(event.get("topic"))
+        if sub_id is None:
+            return
+        frame = frames.text_frame(protocol.encode(
+            [EVENT, sub_id, event["pub"], {}] + _payload(event.get("args"), event.get("kwargs"))))
+        for s in tuple(r.subscribers.get(sub_id, ())):
+            if s.id != event.get("publisher"):
+                s.send_frame(frame)
+
+    def _on_chat_message(self, message):
+        """A chat message in a room: EVENT to the subscribers of its topic in the bridged realm."""
+        r = self.realms.get(self.bridge_realm)
+        if r is None:
+            return
+        sub_id = r.topics.get(ROOM_TOPIC + message["room"])
+        if sub_id is None:
+            return
+        kwargs = {"id": message["id"], "room": message["room"], "from": message["from"],
+                  "ts": message["ts"]}
+        frame = frames.text_frame(protocol.encode(
+            [EVENT, sub_id, new_id(), {}, [message["text"]], kwargs]))
+        sender = message["from"]["id"]
+        for s in tuple(r.subscribers.get(sub_id, ())):
+            if s.chat is None or s.chat["id"] != sender:
+                s.send_frame(frame)
+
+    def _bridged_room(self, r, topic):
+        if r.name != self.bridge_realm or not topic.startswith(ROOM_TOPIC):
+            return None
+        room = topic[len(ROOM_TOPIC):]
+        return room if protocol.valid_room(room) else None
+
+    # -- dealer --------------------------------------------------------------------------
+
+    def _register(self, session, msg):
+        _, request, options, procedure = msg[:4]
+        self._check_request(request, options)
+        r = session.realm
+        if not valid_uri(procedure) or procedure.startswith("wamp."):
+            return self._error(session, REGISTER, request, "wamp.error.invalid_uri")
+        if procedure in r.procedures:
+            return self._error(session, REGISTER, request, "wamp.error.procedure_already_exists")
+        reg_id = new_id()
+        r.procedures[procedure] = reg_id
+        r.callees[reg_id] = (procedure, session)
+        session.registrations.add(reg_id)
+        session.send([REGISTERED, request, reg_id])
+        return True
+
+    def _unregister_msg(self, session, msg):
+        _, request, reg_id = msg[:3]
+        self._check_request(request)
+        if reg_id not in session.registrations:
+            return self._error(session, UNREGISTER, request, "wamp.error.no_such_registration")
+        self._unregister(session.realm, session, reg_id)
+        session.send([UNREGISTERED, request])
+        return True
+
+    def _unregister(self, r, session, reg_id):
+        session.registrations.discard(reg_id)
+        procedure, _ = r.callees.pop(reg_id, (None, None))
+        r.procedures.pop(procedure, None)
+
+    def _call(self, session, msg):
+        _, request, options, procedure = msg[:4]
+        self._check_request(request, options)
+        args, kwargs = self._args(msg, 4)
+        r = session.realm
+        if not valid_uri(procedure):
+            return self._error(session, CALL, request, "wamp.error.invalid_uri")
+        reg_id = r.procedures.get(procedure)
+        if reg_id is None:
+            return self._error(session, CALL, request, "wamp.error.no_such_procedure",
+                               ["no callee registered procedure '%s'" % procedure])
+        _, callee = r.callees[reg_id]
+        invocation = callee.request_id()
+        r.calls[(callee.id, invocation)] = (session, request)
+        callee.send([INVOCATION, invocation, reg_id, {}] + _payload(args, kwargs))
+        return True
+
+    def _yield(self, session, msg):
+        _, invocation, options = msg[:3]
+        self._check_request(invocation, options)
+        args, kwargs = self._args(msg, 3)
+        pending = session.realm.calls.pop((session.id, invocation), None)
+        if pending is not None:  # the caller may have left meanwhile
+            caller, request = pending
+            caller.send([RESULT, request, {}] + _payload(args, kwargs))
+        return True
+
+    def _error_msg(self, session, msg):
+        _, kind, invocation, details, uri = msg[:5]
+        if kind != INVOCATION or not isinstance(details, dict) or not valid_uri(uri):
+            raise Violation("a client may send ERROR only for an INVOCATION")
+        args, kwargs = self._args(msg, 5)
+        pending = session.realm.calls.pop((session.id, invocation), None)
+        if pending is not None:
+            caller, request = pending
+            caller.send([ERROR, CALL, request, {}, uri] + _payload(args, kwargs))
+        return True
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_request(request, options=None):
+        if not _is_id(request):
+            raise Violation("request ids are integers in [0, 2^53]")
+        if options is not None and not isinstance(options, dict):
+            raise Violation("options must be a dict")
+
+    @staticmethod
+    def _args(msg, at):
+        args = msg[at] if len(msg) > at else []
+        kwargs = msg[at + 1] if len(msg) > at + 1 else {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise Violation("Arguments must be a list and ArgumentsKw a dict")
+        return args, kwargs
+
+    @staticmethod
+    def _error(session, kind, request, uri, args=None):
+        session.send([ERROR, kind, request, {}, uri] + ([args] if args else []))
+        return True
+
+    _HANDLERS = {
+        GOODBYE: _goodbye, SUBSCRIBE: _subscribe, UNSUBSCRIBE: _unsubscribe_msg,
+        PUBLISH: _publish, REGISTER: _register, UNREGISTER: _unregister_msg, CALL: _call,
+        YIELD: _yield, ERROR: _error_msg,
+    }

@@ -1,0 +1,300 @@
+"""The WAMP v2 router (`wamp.2.json`): Basic Profile with Autobahn|Python as the real client,
+malformed messages over a raw WebSocket, and the bridge to the chat rooms."""
+import asyncio
+import json
+
+import pytest
+import websocket
+from autobahn.wamp.exception import ApplicationError
+from autobahn.wamp.types import PublishOptions
+
+from tests.wampclient import join, leave, run
+
+ROLES = {"roles": {"publisher": {}, "subscriber": {}, "caller": {}, "callee": {}}}
+
+
+class RawWamp:
+    """A WAMP peer spoken by hand, to send what a library never would."""
+
+    def __init__(self, port):
+        self.ws = websocket.create_connection("ws://127.0.0.1:%d/ws" % port,
+                                              subprotocols=["wamp.2.json"], timeout=5)
+        assert self.ws.getsubprotocol() == "wamp.2.json"
+
+    def send(self, msg):
+        self.ws.send(msg if isinstance(msg, str) else json.dumps(msg))
+
+    def recv(self):
+        return json.loads(self.ws.recv())
+
+    def hello(self, realm="realm1"):
+        self.send([1, realm, ROLES])
+        welcome = self.recv()
+        assert welcome[0] == 2, welcome
+        return welcome
+
+    def closed(self):
+        """True when the server closed the WebSocket."""
+        try:
+            opcode, _ = self.ws.recv_data(control_frame=True)
+            return opcode == websocket.ABNF.OPCODE_CLOSE
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return True
+
+
+def future():
+    return asyncio.get_running_loop().create_future()
+
+
+def test_welcome_announces_broker_and_dealer(server):
+    """HELLO gets WELCOME with a session id in [1, 2^53] and the broker and dealer roles."""
+    w = RawWamp(server.port)
+    welcome = w.hello()
+    assert 1 <= welcome[1] <= 2 ** 53
+    assert set(welcome[2]["roles"]) == {"broker", "dealer"}
+
+
+@pytest.mark.parametrize("first", [
+    "not json", "{}", "[]", '["hello"]', [32, 1, {}, "com.example.t"], [1, "bad realm", ROLES],
+    [1, "realm1", {}],
+])
+def test_protocol_violations_abort(server, first):
+    """Anything but a valid HELLO first ends the session with ABORT protocol_violation."""
+    w = RawWamp(server.port)
+    w.send(first)
+    abort = w.recv()
+    assert abort[0] == 3 and abort[2] == "wamp.error.protocol_violation"
+    assert w.closed()
+
+
+def test_second_hello_and_malformed_messages_abort(server):
+    """After WELCOME, a second HELLO or a malformed message aborts the session."""
+    for bad in ([1, "realm1", ROLES], [32, "one", {}, "t"], [16, 1, "opts", "t"], [48, 1, {}, "p", "x"]):
+        w = RawWamp(server.port)
+        w.hello()
+        w.send(bad)
+        abort = w.recv()
+        assert abort[:1] == [3] and abort[2] == "wamp.error.protocol_violation", (bad, abort)
+
+
+def test_invalid_uris_are_refused(server):
+    """Topics and procedures must be URIs: `wamp.error.invalid_uri` otherwise."""
+    w = RawWamp(server.port)
+    w.hello()
+    w.send([32, 1, {}, "bad topic"])
+    assert w.recv() == [8, 32, 1, {}, "wamp.error.invalid_uri"]
+    w.send([64, 2, {}, "a..b"])
+    assert w.recv() == [8, 64, 2, {}, "wamp.error.invalid_uri"]
+    w.send([64, 3, {}, "wamp.reserved"])
+    assert w.recv() == [8, 64, 3, {}, "wamp.error.invalid_uri"]
+    w.send([16, 4, {"acknowledge": True}, "has space"])
+    assert w.recv() == [8, 16, 4, {}, "wamp.error.invalid_uri"]
+
+
+def test_second_subscription_to_a_topic_has_the_same_id(server):
+    """Subscribing twice to one topic, from one session or two, gives the same id."""
+    a, b = RawWamp(server.port), RawWamp(server.port)
+    a.hello()
+    b.hello()
+    a.send([32, 1, {}, "com.example.topic"])
+    b.send([32, 1, {}, "com.example.topic"])
+    a.send([32, 2, {}, "com.example.topic"])
+    first, second, again = a.recv(), b.recv(), a.recv()
+    assert first[0] == second[0] == again[0] == 33
+    assert first[2] == second[2] == again[2]
+    a.send([34, 3, first[2]])
+    assert a.recv() == [35, 3]
+    a.send([34, 4, first[2]])
+    assert a.recv() == [8, 34, 4, {}, "wamp.error.no_such_subscription"]
+
+
+def test_goodbye(server):
+    """GOODBYE is answered with GOODBYE wamp.close.goodbye_and_out."""
+    w = RawWamp(server.port)
+    w.hello()
+    w.send([6, {}, "wamp.close.close_realm"])
+    assert w.recv() == [6, {}, "wamp.close.goodbye_and_out"]
+
+
+def test_pubsub_with_and_without_acknowledge(server):
+    """EVENTs carry args and kwargs; acknowledged publishes get PUBLISHED; no echo to the publisher."""
+    async def scenario():
+        a, b = await join(server.port), await join(server.port)
+        got_b, got_a = [], []
+        done = future()
+
+        def on_b(*args, **kwargs):
+            got_b.append((args, kwargs))
+            if len(got_b) == 2:
+                done.set_result(True)
+        await b.subscribe(on_b, "com.example.news")
+        await a.subscribe(lambda *args, **kw: got_a.append(args), "com.example.news")
+        pub = await a.publish("com.example.news", 1, "two", three=3,
+                              options=PublishOptions(acknowledge=True))
+        assert 1 <= pub.id <= 2 ** 53
+        a.publish("com.example.news", "unacknowledged")
+        await asyncio.wait_for(done, 5)
+        assert got_b == [((1, "two"), {"three": 3}), (("unacknowledged",), {})]
+        await asyncio.sleep(0.2)
+        assert got_a == []  # a publisher does not get its own event
+        await leave(a)
+        await leave(b)
+    run(scenario())
+
+
+def test_realms_are_separate(server):
+    """A session in one realm never sees another realm's events or procedures."""
+    async def scenario():
+        a = await join(server.port, "realm.one")
+        b = await join(server.port, "realm.two")
+        seen = []
+        await b.subscribe(lambda *args: seen.append(args), "com.example.t")
+        await b.register(lambda: "two", "com.example.who")
+        await a.publish("com.example.t", "x", options=PublishOptions(acknowledge=True))
+        try:
+            await a.call("com.example.who")
+            raise AssertionError("call crossed realms")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.no_such_procedure"
+        await asyncio.sleep(0.2)
+        assert seen == []
+        await leave(a)
+        await leave(b)
+    run(scenario())
+
+
+def test_rpc_results_and_errors(server):
+    """CALL -> INVOCATION -> YIELD -> RESULT with args and kwargs; ERRORs pass back whole."""
+    async def scenario():
+        callee, caller = await join(server.port), await join(server.port)
+
+        def divide(a, b, *, scale=1):
+            if b == 0:
+                raise ApplicationError("com.example.division_by_zero", "b is zero", a=a)
+            return a / b * scale
+        await callee.register(divide, "com.example.divide")
+        assert await caller.call("com.example.divide", 6, 3, scale=10) == 20
+        try:
+            await caller.call("com.example.divide", 1, 0)
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "com.example.division_by_zero"
+            assert exc.args == ("b is zero",) and exc.kwargs == {"a": 1}
+        try:
+            await caller.call("com.example.missing")
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.no_such_procedure"
+        try:
+            await caller.register(lambda: None, "com.example.divide")
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.procedure_already_exists"
+        await leave(callee)
+        await leave(caller)
+    run(scenario())
+
+
+def test_unregister_and_callee_leaving_mid_call(server):
+    """A callee that disconnects mid-call fails the pending call instead of leaving it hanging;
+    its procedures are gone afterwards."""
+    async def scenario():
+        callee, caller = await join(server.port), await join(server.port)
+        started = future()
+
+        async def slow():
+            started.set_result(True)
+            await asyncio.sleep(30)
+        await callee.register(slow, "com.example.slow")
+        call = asyncio.ensure_future(caller.call("com.example.slow"))
+        await asyncio.wait_for(started, 5)
+        callee.test_transport.abort()
+        try:
+            await asyncio.wait_for(call, 5)
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.canceled"
+        try:
+            await caller.call("com.example.slow")
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.no_such_procedure"
+        again = await join(server.port)
+        reg = await again.register(lambda: "back", "com.example.slow")
+        assert await caller.call("com.example.slow") == "back"
+        await reg.unregister()
+        await leave(again)
+        await leave(caller)
+    run(scenario())
+
+
+def test_bridge_chat_to_wamp(server, clients):
+    """A chat message in room R is an EVENT on chat.room.R with args [text] and kwargs {id, room, from, ts}."""
+    async def scenario():
+        w = await join(server.port)
+        got = future()
+        await w.subscribe(lambda *args, **kw: got.done() or got.set_result((args, kw)),
+                          "chat.room.lobby")
+        j = clients.json(server)
+        j.send(type="message", text="hello wamp")
+        ack = j.wait("ack")
+        args, kwargs = await asyncio.wait_for(got, 5)
+        assert args == ("hello wamp",)
+        assert kwargs == {"id": ack["id"], "room": "lobby", "from": {"id": j.id, "nick": j.welcome["nick"]},
+                          "ts": ack["ts"]}
+        await leave(w)
+    run(scenario())
+
+
+def test_bridge_wamp_to_chat(server, clients):
+    """A PUBLISH to chat.room.lobby is a chat message: plain and JSON clients see it, and history keeps it."""
+    async def scenario():
+        p = clients.plain(server)
+        j = clients.json(server)
+        p.recv()
+        w = await join(server.port)
+        await w.publish("chat.room.lobby", "from wamp", options=PublishOptions(acknowledge=True))
+        msg = j.wait("message")
+        assert msg["text"] == "from wamp"
+        assert p.recv() == 'Client %d says "from wamp"' % msg["from"]["id"]
+        assert [m["text"] for m in clients.json(server).welcome["history"]] == ["from wamp"]
+        try:
+            await w.publish("chat.room.lobby", 42, options=PublishOptions(acknowledge=True))
+            raise AssertionError("no error")
+        except ApplicationError as exc:
+            assert exc.error == "wamp.error.invalid_argument"
+        await leave(w)
+    run(scenario())
+
+
+def test_wamp_events_cross_processes(start_server, redis_server):
+    """With REDIS_URL, an event published on one process reaches a subscriber on another."""
+    env = {"REDIS_URL": redis_server.url}
+    a, b = start_server(env=env), start_server(env=env)
+
+    async def scenario():
+        sub, pub = await join(a.port), await join(b.port)
+        got = future()
+        await sub.subscribe(lambda *args: got.done() or got.set_result(args), "com.example.x")
+        await pub.publish("com.example.x", "across", options=PublishOptions(acknowledge=True))
+        assert await asyncio.wait_for(got, 5) == ("across",)
+        room = future()
+        await sub.subscribe(lambda *args, **kw: room.done() or room.set_result(args), "chat.room.dev")
+        await pub.publish("chat.room.dev", "bridged across", options=PublishOptions(acknowledge=True))
+        assert await asyncio.wait_for(room, 5) == ("bridged across",)
+        await leave(sub)
+        await leave(pub)
+    run(scenario())
+
+
+def test_rate_limit_applies_to_wamp(start_server):
+    """Requests over RATE_LIMIT get an ERROR instead of silence."""
+    server = start_server(env={"RATE_LIMIT": "1", "RATE_BURST": "2"})
+    w = RawWamp(server.port)
+    w.send([1, "realm1", ROLES])
+    w.recv()
+    for n in range(1, 5):
+        w.send([32, n, {}, "com.example.t%d" % n])
+    replies = [w.recv() for _ in range(3)]
+    assert [r[0] for r in replies] == [33, 8, 8]
+    assert replies[1][4] == "chat.error.rate_limited"
