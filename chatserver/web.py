@@ -30,8 +30,9 @@ def _csp(host):
             % sockets)
 
 
-def create_app(hub, settings, health=None):
-    """The WSGI app; ``health`` returns extra fields for /healthz (the backplane's state)."""
+def create_app(hub, settings, health=None, router=None):
+    """The WSGI app; ``health`` returns extra fields for /healthz (the backplane's state),
+    ``router`` serves WAMP sessions."""
     app = bottle.Bottle()
 
     def page(name, **values):
@@ -57,6 +58,11 @@ def create_app(hub, settings, health=None):
         response.set_header("X-Content-Type-Options", "nosniff")
         return response
 
+    @app.get("/favicon.ico")
+    def favicon():
+        # Browsers ask for it on every page (the recipe's too); an SVG answers them all.
+        return static("favicon.svg")
+
     @app.get("/healthz")
     def healthz():
         # 200 while the process serves, degraded or not: plain-text relay goes on locally
@@ -78,7 +84,7 @@ def create_app(hub, settings, health=None):
             bottle.response.content_type = "text/plain; charset=utf-8"
             return ("This is the chat's WebSocket endpoint: connect with a WebSocket client "
                     "(Upgrade: websocket), for example: wscat -c ws://HOST/ws\n")
-        session.serve(websocket, hub, settings)
+        session.serve(websocket, hub, settings, router)
         return ""
 
     if settings.echo_endpoint:
