@@ -39,32 +39,37 @@ def main(argv=None):
     router = wamp.Router(hub, settings.wamp_realm)
     hub.start()
     app = web.create_app(hub, settings, health=shared.health, router=router)
+    sockets = {}  # gevent-websocket's registry of open WebSockets, every dialect: address -> Client
     policy = transport.Policy(
         paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
         subprotocols=("chat.v1", wamp.SUBPROTOCOL),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
-        outbox_size=settings.outbox_size, is_full=lambda: len(hub) >= settings.max_connections)
+        outbox_size=settings.outbox_size, is_full=lambda: len(sockets) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,
                         handler_class=transport.ChatHandler.configured(policy),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
+    server.clients = sockets
     server.start()
     log.info("Listening on http://%s:%d/", settings.host, server.server_port)
-    keepalive = gevent.spawn(session.keepalive, hub, settings.ping_interval, settings.ping_timeout)
+    open_sockets = lambda: [c.ws for c in list(sockets.values()) if c.ws is not None]  # noqa: E731
+    keepalive = gevent.spawn(session.keepalive, open_sockets, settings.ping_interval,
+                             settings.ping_timeout)
 
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
 
-    log.info("Shutting down: closing %d connections", len(hub))
+    log.info("Shutting down: closing %d connections", len(sockets))
     server.close()  # stop accepting
     keepalive.kill()
-    session.close_all(hub, frames.GOING_AWAY, "server shutting down")
+    for ws in open_sockets():
+        ws.close(frames.GOING_AWAY, "server shutting down")
     deadline = time.monotonic() + DRAIN_SECONDS
-    while len(hub) and time.monotonic() < deadline:
+    while sockets and time.monotonic() < deadline:
         gevent.sleep(0.05)
-    for conn in hub.connections():
-        conn.ws.abort()
+    for ws in open_sockets():
+        ws.abort()
     server.stop(timeout=1)
     shared.stop()
     log.info("Stopped")

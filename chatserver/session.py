@@ -169,22 +169,17 @@ _REQUESTS = {
 }
 
 
-def keepalive(hub, interval, timeout):
-    """Forever: ping every connection each ``interval`` seconds and drop the ones that sent
-    nothing at all (not even a pong) for ``timeout`` seconds. One greenlet for all."""
+def keepalive(sockets, interval, timeout):
+    """Forever: ping every WebSocket in ``sockets()`` each ``interval`` seconds and drop the
+    ones whose peer sent nothing at all (not even a pong) for ``timeout`` seconds. One
+    greenlet for all connections, whatever their dialect."""
+    ping = frames.frame(frames.OP_PING, b"")
     while True:
         gevent.sleep(interval)
         now = time.monotonic()
-        ping = frames.frame(frames.OP_PING, b"")
-        for conn in hub.connections():
-            if now - conn.ws.last_seen > timeout:
-                log.info("dropping connection %d: silent for %.0f s", conn.id, now - conn.ws.last_seen)
-                conn.ws.abort()
+        for ws in sockets():
+            if now - ws.last_seen > timeout:
+                log.info("dropping a connection silent for %.0f s", now - ws.last_seen)
+                ws.abort()
             else:
-                conn.send(ping)
-
-
-def close_all(hub, code, reason):
-    """Send every connection a close frame (shutdown); their sessions end as peers answer."""
-    for conn in hub.connections():
-        conn.ws.close(code, reason)
+                ws.send_frame_bytes(ping)

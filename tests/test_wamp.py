@@ -298,3 +298,31 @@ def test_rate_limit_applies_to_wamp(start_server):
     replies = [w.recv() for _ in range(3)]
     assert [r[0] for r in replies] == [33, 8, 8]
     assert replies[1][4] == "chat.error.rate_limited"
+
+
+def test_shutdown_closes_wamp_sessions_with_1001(start_server):
+    """SIGTERM closes WAMP sessions too, with 1001, and the process exits."""
+    server = start_server()
+    w = RawWamp(server.port)
+    w.hello()
+    server.signal()
+    opcode, payload = w.ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE
+    assert int.from_bytes(payload[:2], "big") == 1001
+    assert server.proc.wait(8) == 0
+
+
+def test_silent_wamp_peer_is_dropped(start_server):
+    """The keepalive covers WAMP sessions: a peer that never answers pings is dropped."""
+    server = start_server(env={"PING_INTERVAL": "0.2", "PING_TIMEOUT": "1"})
+    w = RawWamp(server.port)
+    w.hello()
+    sock = w.ws.sock
+    sock.settimeout(5)
+    data = b""
+    while True:  # read raw bytes without answering pings, until the server drops us
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert b"\x89\x00" in data  # it was pinged first
