@@ -179,7 +179,8 @@ def keepalive(sockets, interval, timeout):
         now = time.monotonic()
         for ws in sockets():
             if now - ws.last_seen > timeout:
-                log.info("dropping a connection silent for %.0f s", now - ws.last_seen)
+                log.info("dropping the connection from %s: silent for %.0f s", ws.peer,
+                         now - ws.last_seen)
                 ws.abort()
             else:
                 ws.send_frame_bytes(ping)

@@ -63,6 +63,8 @@ class HardenedWebSocket(WebSocket):
         self.sock = handler.socket
         self.read = handler.rfile.read
         self.subprotocol = subprotocol
+        self.peer = "%s:%s" % handler.client_address[:2] if isinstance(
+            handler.client_address, tuple) else str(handler.client_address)
         self.max_size = policy.max_message_size
         self.outbox_limit = policy.outbox_size
         self.last_seen = time.monotonic()

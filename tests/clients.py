@@ -89,6 +89,15 @@ class JsonClient(PlainClient):
     def recv(self, timeout=5):
         return json.loads(self._recv_text(timeout))
 
+    def drain(self, wait=0.3):
+        """Every frame that arrives until ``wait`` seconds pass without one."""
+        out = []
+        while True:
+            frame = self.quiet(wait)
+            if frame is None:
+                return out
+            out.append(frame)
+
     def wait(self, type_, timeout=5, **match):
         """The next frame of ``type_`` whose fields equal ``match``, skipping others."""
         deadline = time.monotonic() + timeout

@@ -1,4 +1,5 @@
 """Fixtures: a live ``python chat.py`` on an ephemeral port of 127.0.0.1, and clients for it."""
+import contextlib
 import os
 import re
 import signal
@@ -65,6 +66,10 @@ class Server:
             time.sleep(0.02)
         raise AssertionError("no log line matches %r in:\n%s" % (pattern, self.log()))
 
+    def assert_no_traceback(self):
+        unhandled = [l for l in self.lines if "Traceback" in l]
+        assert not unhandled, "server logged a traceback:\n" + self.log()
+
     def signal(self, signum=signal.SIGTERM):
         self.proc.send_signal(signum)
 
@@ -93,8 +98,18 @@ def start_server():
     for server in servers:
         server.stop()
     for server in servers:
-        unhandled = [l for l in server.lines if "Traceback" in l]
-        assert not unhandled, "server logged a traceback:\n" + server.log()
+        server.assert_no_traceback()
+
+
+@contextlib.contextmanager
+def running(env=None):
+    """A server for a ``with`` block (module-scoped fixtures); it must log no traceback."""
+    server = Server(env)
+    try:
+        yield server
+    finally:
+        server.stop()
+    server.assert_no_traceback()
 
 
 @pytest.fixture

@@ -10,22 +10,16 @@ import time
 import pytest
 
 from tests.clients import RawClient
-from tests.conftest import Server
+from tests.conftest import running
 
-
-def _no_traceback(server):
-    unhandled = [l for l in server.lines if "Traceback" in l]
-    assert not unhandled, "server logged a traceback:\n" + server.log()
 
 
 @pytest.fixture(scope="module")
 def server():
     """One default server for the tests of this module that need no special settings (each
     test uses its own connections); it must log no traceback."""
-    srv = Server()
-    yield srv
-    srv.stop()
-    _no_traceback(srv)
+    with running() as srv:
+        yield srv
 
 
 def http_get(server, path, headers=None):

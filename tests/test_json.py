@@ -63,21 +63,13 @@ def test_join_leave_and_rooms_are_separate(server, clients):
     a.send(type="message", room="dev", text="dev only")
     a.wait("ack")
     assert b.wait("message")["room"] == "dev"
-    for frame in _drain(c):
+    for frame in c.drain():
         assert frame["type"] != "message"
     b.send(type="leave", room="dev")
     assert b.wait("left")["room"] == "dev"
     pres = a.wait("presence", room="dev", event="leave")
     assert pres["member"]["id"] == b.id
 
-
-def _drain(client, wait=0.3):
-    out = []
-    while True:
-        frame = client.quiet(wait)
-        if frame is None:
-            return out
-        out.append(frame)
 
 
 def test_requests_in_rooms_you_are_not_in_are_refused(server, clients):
@@ -113,7 +105,7 @@ def test_direct_message(server, clients):
     a.send(type="direct", to=b.id, text="psst")
     d = b.wait("direct")
     assert d["from"]["id"] == a.id and d["text"] == "psst" and isinstance(d["ts"], float)
-    assert all(f["type"] != "direct" for f in _drain(c))
+    assert all(f["type"] != "direct" for f in c.drain())
     a.send(type="direct", to=999999, text="anyone?", ref="d1")
     err = a.wait("error")
     assert err["code"] == "no_such_client" and err["ref"] == "d1"
@@ -187,7 +179,7 @@ def test_resend_with_same_ref_is_not_duplicated(server, clients):
     a2.send(type="message", text="once", ref=ref)
     again = a2.wait("ack")
     assert (again["id"], again["ts"], again["ref"]) == (first["id"], first["ts"], ref)
-    assert all(f["type"] != "message" for f in _drain(b))
+    assert all(f["type"] != "message" for f in b.drain())
     assert [m["text"] for m in clients.json(server).welcome["history"]] == ["once"]
 
 
@@ -233,7 +225,7 @@ def test_presence_limit_silences_big_rooms(start_server, clients):
     assert p.recv() == "Client %d connected." % a.id
     c = clients.json(server)  # the third member: the room is now over the limit
     assert p.quiet() is None
-    assert all(f["type"] != "presence" for f in _drain(a))
+    assert all(f["type"] != "presence" for f in a.drain())
     assert len(c.welcome["members"]) == 2 and c.welcome["member_count"] == 3
     c.close()
     assert p.quiet() is None

@@ -37,14 +37,6 @@ def registered(server, n):
     poll(lambda: health(server)["connections"] == n)
 
 
-def drain(client, wait=0.5):
-    out = []
-    while True:
-        frame = client.quiet(wait)
-        if frame is None:
-            return out
-        out.append(frame)
-
 
 def test_plain_relay_spans_processes(pair, clients):
     """The recipe's plain-text lines pass between processes word for word."""
@@ -153,7 +145,7 @@ def test_resend_on_another_process_is_not_stored_twice(pair, clients):
     s2.send(type="message", text="exactly once", ref=ref)
     again = s2.wait("ack")
     assert (again["id"], again["ts"]) == (first["id"], first["ts"])
-    assert all(f["type"] != "message" for f in drain(watcher))
+    assert all(f["type"] != "message" for f in watcher.drain())
     texts = [m["text"] for m in clients.json(a).welcome["history"]]
     assert texts == ["exactly once"]
 
