@@ -1,57 +1,616 @@
-// A minimal chat.v1 client for the lobby: connect, show messages, send.
-const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-const list = document.getElementById("messages");
-const status = document.getElementById("status");
-const form = document.getElementById("composer");
-const input = document.getElementById("text");
-let ws;
+// The chat page: draws the ChatClient's state into the DOM and turns clicks and keys into
+// calls on it. Protocol logic lives in client.js; everything from the network reaches the
+// page through textContent (never innerHTML).
+import { ChatClient, chatUrl, LOBBY, NICK_MAX, ROOM_NAME, TYPING_MS } from "./client.js";
 
-function show(who, text) {
-  const item = document.createElement("li");
-  const name = document.createElement("strong");
-  name.textContent = who;
-  item.append(name, ": ", text);
-  list.append(item);
-  item.scrollIntoView({ block: "end" });
-}
+const $ = (id) => document.getElementById(id);
+const GROUP_SECONDS = 5 * 60; // consecutive messages from one person within this are grouped
+const TYPING_EVERY = 3000; // ms between our own typing notices
+const HUES = 8;
 
-function connect(delay = 500) {
-  ws = new WebSocket(`${scheme}//${location.host}/ws`, "chat.v1");
-  ws.addEventListener("open", () => { delay = 500; });
-  ws.addEventListener("message", (e) => {
-    const msg = JSON.parse(e.data);
-    switch (msg.type) {
-      case "welcome":
-        status.textContent = `Connected as ${msg.nick}`;
-        list.replaceChildren();
-        msg.history.forEach((m) => show(m.from.nick, m.text));
-        break;
-      case "message":
-        show(msg.from.nick, msg.text);
-        break;
-      case "presence":
-        if (msg.event !== "nick") show("•", `${msg.member.nick} ${msg.event === "join" ? "joined" : "left"}`);
-        break;
-      case "error":
-        show("error", msg.message);
-        break;
-      default:
-        break;
-    }
-  });
-  ws.addEventListener("close", () => {
-    const wait = Math.min(delay * 2, 5000) * (0.5 + Math.random() / 2);
-    status.textContent = "Disconnected, reconnecting…";
-    setTimeout(() => connect(Math.min(delay * 2, 5000)), wait);
-  });
-}
+const ui = {
+  app: $("app"), status: $("status"), statusText: $("status-text"),
+  countdown: $("status-countdown"), retry: $("retry"), rooms: $("rooms"), directs: $("directs"),
+  directsEmpty: $("directs-empty"), logs: $("logs"), title: $("room-title"), meta: $("room-meta"),
+  leave: $("leave"), typing: $("typing"), composer: $("composer"), text: $("composer-text"),
+  composerLabel: $("composer-label"), members: $("members"), membersMore: $("members-more"),
+  membersTitle: $("members-title"), membersCount: $("members-toggle-count"),
+  nickForm: $("nick-form"), nick: $("nick"), nickNote: $("nick-note"), joinForm: $("join-form"),
+  joinRoom: $("join-room"), joinNote: $("join-note"), toast: $("toast"),
+  roomsToggle: $("rooms-toggle"), membersToggle: $("members-toggle"), scrim: $("scrim"),
+};
 
-form.addEventListener("submit", (e) => {
-  e.preventDefault();
-  if (ws.readyState !== WebSocket.OPEN || !input.value.trim()) return;
-  ws.send(JSON.stringify({ type: "message", room: "lobby", text: input.value }));
-  show("you", input.value);
-  input.value = "";
+const storedNick = readLocal("chat.nick");
+const client = new ChatClient({
+  url: chatUrl(location),
+  nick: storedNick,
+  storage: window.sessionStorage,
 });
 
-connect();
+let active = LOBBY;
+const unread = new Map(); // conversation key -> count of messages not yet seen
+const logs = new Map(); // conversation key -> {list, nodes: Map(entry key -> li), stuck}
+const lastTypingSent = new Map();
+let typingTimer = null;
+let countdownTimer = null;
+let toastTimer = null;
+
+// -- small DOM helpers ------------------------------------------------------------------------
+
+/** An element with properties and children; strings become text nodes, never markup. */
+function h(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role") node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) node.append(child); // append(string) makes a text node
+  }
+  return node;
+}
+
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function readLocal(key) {
+  try {
+    return window.localStorage.getItem(key);
+  } catch (err) {
+    return null;
+  }
+}
+
+function writeLocal(key, value) {
+  try {
+    window.localStorage.setItem(key, value);
+  } catch (err) {
+    // private mode or full: the nick just is not remembered
+  }
+}
+
+function initials(nick) {
+  const words = String(nick || "?").trim().split(/\s+/).filter(Boolean);
+  const first = (w) => Array.from(w)[0] || "";
+  const out = words.length > 1 ? first(words[0]) + first(words[1]) : first(words[0] || "?");
+  return out.toUpperCase();
+}
+
+function hueOf(nick) {
+  let hash = 0;
+  for (const ch of String(nick)) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  return `hue-${hash % HUES}`;
+}
+
+const clock = new Intl.DateTimeFormat(undefined, { hour: "numeric", minute: "2-digit" });
+const dayClock = new Intl.DateTimeFormat(undefined, { weekday: "short", hour: "numeric", minute: "2-digit" });
+const fullClock = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+
+function timeParts(ts) {
+  const date = new Date(ts * 1000);
+  if (Number.isNaN(date.getTime())) return { short: "", full: "", iso: "" };
+  const today = new Date().toDateString() === date.toDateString();
+  return { short: (today ? clock : dayClock).format(date), full: fullClock.format(date), iso: date.toISOString() };
+}
+
+function label(conv) {
+  if (!conv) return "";
+  return conv.kind === "room" ? `#${conv.key}` : conv.name;
+}
+
+// -- the message logs -------------------------------------------------------------------------
+
+function logFor(key) {
+  let log = logs.get(key);
+  if (!log) {
+    const conv = client.conversations.get(key);
+    const list = h("ol", {
+      class: "log", role: "log", "aria-live": "polite", tabIndex: 0,
+      "aria-label": `Messages in ${label(conv)}`, "data-testid": "messages", "data-key": key,
+    });
+    list.hidden = key !== active;
+    log = { list, nodes: new Map(), stuck: true };
+    list.addEventListener("scroll", () => {
+      log.stuck = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
+    });
+    ui.logs.append(list);
+    logs.set(key, log);
+  }
+  return log;
+}
+
+function messageNode(entry) {
+  if (entry.kind === "notice") {
+    const node = h("li", { class: "notice", "data-testid": "notice" }, h("span", { text: entry.text }));
+    node.parts = {};
+    return node;
+  }
+  const avatar = h("span", { class: "avatar", "aria-hidden": "true" });
+  const author = h("span", { class: "author" });
+  const time = h("time", { class: "time" });
+  const state = h("span", { class: "msg-state" });
+  const text = h("p", { class: "msg-text", text: entry.text });
+  const node = h("li", { class: "msg", "data-testid": "message" }, avatar,
+    h("div", { class: "msg-body" }, h("p", { class: "msg-meta" }, author, " ", time, state), text));
+  node.parts = { avatar, author, time, state };
+  return node;
+}
+
+function updateMessage(node, entry, previous) {
+  if (entry.kind === "notice") {
+    setText(node.firstChild, entry.text);
+    return;
+  }
+  const { avatar, author, time, state } = node.parts;
+  const nick = entry.mine ? entry.from.nick || client.self.nick || "You" : entry.from.nick;
+  setText(author, nick);
+  setText(avatar, initials(nick));
+  const hue = hueOf(nick);
+  if (!avatar.classList.contains(hue)) {
+    avatar.className = `avatar ${hue}`;
+  }
+  const when = timeParts(entry.ts);
+  setText(time, when.short);
+  if (time.dateTime !== when.iso) time.dateTime = when.iso;
+  if (time.title !== when.full) time.title = when.full;
+  let stateText = "";
+  if (entry.status === "pending") stateText = client.connected ? "Sending…" : "Not sent yet: waiting for the connection";
+  else if (entry.status === "failed") stateText = `Not sent: ${entry.error || "refused"}`;
+  setText(state, stateText ? ` · ${stateText}` : "");
+  const grouped = !!previous && previous.kind === entry.kind && previous.kind !== "notice" &&
+    previous.from.nick === entry.from.nick && previous.mine === entry.mine &&
+    previous.status !== "failed" && entry.ts - previous.ts < GROUP_SECONDS && entry.ts >= previous.ts;
+  node.classList.toggle("grouped", grouped);
+  node.classList.toggle("mine", entry.mine);
+  if (node.dataset.status !== entry.status) node.dataset.status = entry.status;
+  if (entry.ref && node.dataset.ref !== entry.ref) node.dataset.ref = entry.ref;
+}
+
+/** Bring conversation `key`'s list in line with its entries, touching only what changed,
+ * so that screen readers announce new messages and nothing else. */
+function renderLog(key, added = []) {
+  const conv = client.conversations.get(key);
+  if (!conv) return;
+  const log = logFor(key);
+  const { list, nodes } = log;
+  const seen = new Set();
+  let cursor = list.firstChild;
+  let previous = null;
+  for (const entry of conv.entries) {
+    let node = nodes.get(entry.key);
+    if (!node) {
+      node = messageNode(entry);
+      nodes.set(entry.key, node);
+    }
+    seen.add(entry.key);
+    updateMessage(node, entry, previous);
+    if (node === cursor) cursor = cursor.nextSibling;
+    else list.insertBefore(node, cursor);
+    previous = entry;
+  }
+  for (const [entryKey, node] of nodes) {
+    if (!seen.has(entryKey)) {
+      node.remove();
+      nodes.delete(entryKey);
+    }
+  }
+  if (log.stuck || added.some((e) => e.mine)) scrollToEnd(log);
+}
+
+function scrollToEnd(log) {
+  log.stuck = true;
+  if (!log.list.hidden) log.list.scrollTop = log.list.scrollHeight;
+}
+
+// -- rooms, members, header -----------------------------------------------------------------
+
+function badge(key) {
+  const count = unread.get(key) || 0;
+  if (!count) return null;
+  return h("span", { class: "badge", "data-testid": "unread" }, String(count > 99 ? "99+" : count),
+    h("span", { class: "visually-hidden", text: count === 1 ? " unread message" : " unread messages" }));
+}
+
+/** Run `redraw`, which replaces `container`'s children, and put the keyboard focus back on
+ * the new element for the same thing (same `attr` value) if it was inside. */
+function keepFocus(container, attr, redraw) {
+  const focused = container.contains(document.activeElement) ? document.activeElement.closest(`[${attr}]`) : null;
+  const value = focused && focused.getAttribute(attr);
+  redraw();
+  if (value === null || value === undefined) return;
+  for (const node of container.querySelectorAll(`[${attr}]`)) {
+    if (node.getAttribute(attr) === value) {
+      (node.matches("a, button") ? node : node.querySelector("a, button") || node).focus({ preventScroll: true });
+      return;
+    }
+  }
+}
+
+function renderRooms() {
+  keepFocus(ui.rooms, "data-room", drawRooms);
+  keepFocus(ui.directs, "data-key", drawDirects);
+  updateTitle();
+}
+
+function drawRooms() {
+  const rooms = [...client.conversations.values()].filter((conv) => conv.kind === "room");
+  ui.rooms.replaceChildren(...rooms.map((conv) => {
+    const current = conv.key === active;
+    const link = h("a", {
+      class: "nav-item", href: `#${conv.key}`, "data-room": conv.key,
+      "aria-current": current ? "page" : null,
+    }, h("span", { class: "nav-hash", "aria-hidden": "true", text: "#" }),
+    h("span", { class: "nav-name", text: conv.key }), badge(conv.key));
+    link.addEventListener("click", () => activate(conv.key, { focus: true }));
+    return h("li", {}, link);
+  }));
+}
+
+function drawDirects() {
+  const directs = [...client.conversations.values()].filter((conv) => conv.kind === "direct");
+  ui.directs.replaceChildren(...directs.map((conv) => {
+    const current = conv.key === active;
+    const button = h("button", {
+      type: "button", class: "nav-item", "data-key": conv.key, "aria-current": current ? "true" : null,
+    }, h("span", { class: `avatar small ${hueOf(conv.name)}`, "aria-hidden": "true", text: initials(conv.name) }),
+    h("span", { class: "nav-name", text: conv.name }), badge(conv.key));
+    button.addEventListener("click", () => activate(conv.key, { focus: true }));
+    return h("li", {}, button);
+  }));
+  ui.directsEmpty.hidden = directs.length > 0;
+}
+
+function online(id) {
+  for (const conv of client.conversations.values()) if (conv.members.has(id)) return true;
+  return false;
+}
+
+function renderMembers() {
+  const conv = client.conversations.get(active);
+  if (!conv) return;
+  let people;
+  if (conv.kind === "room") {
+    people = [...conv.members.values()];
+    setText(ui.membersTitle, `Members of #${conv.key}`);
+  } else {
+    people = [client.self, conv.peer].filter((p) => p && p.id !== null);
+    setText(ui.membersTitle, "In this conversation");
+  }
+  people.sort((a, b) => (b.id === client.self.id) - (a.id === client.self.id) ||
+    a.nick.localeCompare(b.nick, undefined, { sensitivity: "base" }));
+  keepFocus(ui.members, "data-id", () => ui.members.replaceChildren(...people.map((person) => {
+    const face = h("span", { class: `avatar small ${hueOf(person.nick)}`, "aria-hidden": "true", text: initials(person.nick) });
+    if (person.id === client.self.id) {
+      return h("li", { "data-id": String(person.id) }, h("span", { class: "member self" }, face,
+        h("span", { class: "member-name", text: person.nick }), h("span", { class: "you", text: "you" })));
+    }
+    const button = h("button", { type: "button", class: "member", title: `Send ${person.nick} a direct message` },
+      face, h("span", { class: "member-name", text: person.nick }),
+      h("span", { class: "visually-hidden", text: ", send a direct message" }));
+    if (conv.kind === "direct" && !online(person.id)) button.classList.add("away");
+    button.addEventListener("click", () => {
+      const dm = client.direct(person);
+      activate(dm.key, { focus: true });
+    });
+    return h("li", { "data-id": String(person.id) }, button);
+  })));
+  ui.members.classList.toggle("stale", !client.connected); // last known, while reconnecting
+  const more = conv.kind === "room" ? conv.memberCount - conv.members.size : 0;
+  setText(ui.membersMore, more > 0 ? `and ${more} more` : "");
+  ui.membersMore.hidden = more <= 0;
+  setText(ui.membersCount, conv.kind === "room" ? String(conv.memberCount) : "");
+  renderHeader();
+}
+
+function renderHeader() {
+  const conv = client.conversations.get(active);
+  if (!conv) return;
+  setText(ui.title, label(conv));
+  let meta;
+  if (conv.kind === "room") {
+    if (conv.state === "joining" && !client.connected) meta = "Offline: showing what arrived before";
+    else if (conv.state === "joining") meta = "Joining…";
+    else meta = conv.memberCount === 1 ? "Just you here" : `${conv.memberCount} people here`;
+  } else {
+    meta = online(conv.peer.id) ? "Direct message, online" : "Direct message, not in your rooms now";
+  }
+  setText(ui.meta, meta);
+  ui.leave.hidden = conv.key === LOBBY;
+  setText(ui.leave, conv.kind === "room" ? "Leave room" : "Close");
+  const placeholder = `Message ${label(conv)}`;
+  if (ui.text.placeholder !== placeholder) ui.text.placeholder = placeholder;
+  setText(ui.composerLabel, placeholder);
+}
+
+function renderTyping() {
+  const conv = client.conversations.get(active);
+  const names = conv ? conv.typers(Date.now()) : [];
+  let text = "";
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = "Several people are typing…";
+  setText(ui.typing, text);
+  ui.typing.classList.toggle("on", !!text);
+  clearTimeout(typingTimer);
+  if (text) typingTimer = setTimeout(renderTyping, 1000);
+}
+
+function renderStatus() {
+  let text;
+  let state = client.state;
+  if (client.state === "open") text = "Connected";
+  else if (client.state === "connecting") text = client.everConnected ? "Reconnecting…" : "Connecting…";
+  else if (client.state === "waiting") text = "Reconnecting…";
+  else {
+    text = "Disconnected";
+    state = "stopped";
+  }
+  ui.status.dataset.state = state;
+  setText(ui.statusText, text);
+  ui.retry.hidden = client.state !== "waiting";
+  clearInterval(countdownTimer);
+  const tick = () => {
+    const left = client.retryAt ? Math.max(0, Math.ceil((client.retryAt - Date.now()) / 1000)) : 0;
+    let note = "";
+    if (client.state === "waiting") note = navigator.onLine === false ? "offline" : left > 0 ? `in ${left} s` : "";
+    setText(ui.countdown, note);
+  };
+  tick();
+  if (client.state === "waiting") countdownTimer = setInterval(tick, 250);
+}
+
+function updateTitle() {
+  let total = 0;
+  for (const n of unread.values()) total += n;
+  const title = `${label(client.conversations.get(active)) || "Chat"} · Chat`;
+  document.title = total ? `(${total}) ${title}` : title;
+}
+
+function toast(message) {
+  setText(ui.toast, message);
+  ui.toast.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { ui.toast.hidden = true; }, 6000);
+}
+
+// -- switching conversations ----------------------------------------------------------------
+
+function activate(key, { focus = false } = {}) {
+  if (!client.conversations.has(key)) key = LOBBY;
+  const changed = key !== active;
+  active = key;
+  for (const [k, log] of logs) log.list.hidden = k !== key;
+  const log = logFor(key);
+  renderLog(key);
+  log.list.hidden = false;
+  if (log.stuck) scrollToEnd(log);
+  unread.delete(key);
+  if (client.conversations.get(key).kind === "room" && location.hash !== `#${key}` &&
+      !(key === LOBBY && !location.hash)) {
+    history.pushState(null, "", `#${key}`);
+  }
+  renderRooms();
+  renderMembers();
+  renderTyping();
+  closePanels();
+  if (changed || focus) ui.text.focus({ preventScroll: true });
+}
+
+function fromHash() {
+  let name = "";
+  try {
+    name = decodeURIComponent(location.hash.slice(1));
+  } catch (err) {
+    name = "";
+  }
+  if (!name) return LOBBY;
+  if (!ROOM_NAME.test(name)) {
+    toast(`“${name.slice(0, 64)}” is not a room name: use letters, digits, -, _ or .`);
+    return LOBBY;
+  }
+  client.join(name);
+  return name;
+}
+
+// -- panels on narrow screens ---------------------------------------------------------------
+
+function openPanel(which) {
+  const toggle = which === "rooms" ? ui.roomsToggle : ui.membersToggle;
+  const panel = which === "rooms" ? $("sidebar") : $("members-panel");
+  const open = ui.app.dataset.panel !== which;
+  closePanels();
+  if (!open) return;
+  ui.app.dataset.panel = which;
+  toggle.setAttribute("aria-expanded", "true");
+  ui.scrim.hidden = false;
+  const first = panel.querySelector("a, button, input");
+  if (first) first.focus();
+}
+
+function closePanels({ restoreFocus = false } = {}) {
+  const was = ui.app.dataset.panel;
+  ui.app.dataset.panel = "none";
+  ui.roomsToggle.setAttribute("aria-expanded", "false");
+  ui.membersToggle.setAttribute("aria-expanded", "false");
+  ui.scrim.hidden = true;
+  if (restoreFocus && was !== "none") (was === "rooms" ? ui.roomsToggle : ui.membersToggle).focus();
+}
+
+// -- wiring ---------------------------------------------------------------------------------
+
+client.addEventListener("status", () => {
+  renderStatus();
+  renderMembers();
+  renderLog(active); // pending messages say whether they are waiting for the connection
+});
+
+client.addEventListener("self", () => {
+  const { nick } = client.self;
+  if (client.wantedNick && nick === client.wantedNick) writeLocal("chat.nick", nick);
+  if (document.activeElement !== ui.nick) ui.nick.value = nick;
+  ui.nick.placeholder = nick;
+  renderMembers();
+});
+
+client.addEventListener("rooms", () => {
+  if (!client.conversations.has(active)) activate(LOBBY);
+  renderRooms();
+});
+
+client.addEventListener("entries", ({ detail }) => {
+  const fresh = detail.initial ? 0 : detail.added.filter((e) => !e.mine && e.kind !== "notice").length;
+  if (fresh && (detail.key !== active || document.hidden)) {
+    unread.set(detail.key, (unread.get(detail.key) || 0) + fresh);
+    renderRooms();
+  }
+  renderLog(detail.key, detail.added);
+  if (detail.key === active) renderTyping();
+});
+
+client.addEventListener("members", ({ detail }) => {
+  if (detail.key === active || client.conversations.get(active)?.kind === "direct") renderMembers();
+  else renderHeader();
+});
+
+client.addEventListener("typing", ({ detail }) => {
+  if (detail.key === active) renderTyping();
+});
+
+client.addEventListener("problem", ({ detail }) => {
+  if (detail.about === "nick") {
+    setText(ui.nickNote, `Not changed: ${detail.message}`);
+    ui.nickNote.classList.add("error");
+  } else if (detail.about === "join") {
+    setText(ui.joinNote, `Could not join: ${detail.message}`);
+    ui.joinNote.classList.add("error");
+    toast(`Could not join the room: ${detail.message}`);
+  } else {
+    toast(detail.message);
+  }
+});
+
+function send() {
+  const text = ui.text.value;
+  if (!text.trim()) return;
+  const conv = client.conversations.get(active);
+  if (!conv) return;
+  client.send(active, text);
+  ui.text.value = "";
+  lastTypingSent.delete(active);
+  resizeComposer();
+}
+
+function resizeComposer() {
+  if (CSS.supports("field-sizing", "content")) return;
+  ui.text.style.height = "auto";
+  ui.text.style.height = `${Math.min(ui.text.scrollHeight, 200)}px`;
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+
+ui.text.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
+    event.preventDefault();
+    send();
+  }
+});
+
+ui.text.addEventListener("input", () => {
+  resizeComposer();
+  const conv = client.conversations.get(active);
+  if (!ui.text.value.trim() || !conv || conv.kind !== "room") return;
+  const now = Date.now();
+  if (now - (lastTypingSent.get(active) || 0) > TYPING_EVERY) {
+    lastTypingSent.set(active, now);
+    client.typing(active);
+  }
+});
+
+ui.nickForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const nick = ui.nick.value.trim();
+  ui.nickNote.classList.remove("error");
+  if (!nick || nick.length > NICK_MAX) {
+    setText(ui.nickNote, `A name is 1 to ${NICK_MAX} characters.`);
+    ui.nickNote.classList.add("error");
+    return;
+  }
+  client.setNick(nick);
+  setText(ui.nickNote, client.connected ? "" : "Saved: it will be used once connected.");
+  if (!client.connected) writeLocal("chat.nick", nick);
+});
+
+ui.joinForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const name = ui.joinRoom.value.trim().replace(/^#/, "");
+  ui.joinNote.classList.remove("error");
+  if (!ROOM_NAME.test(name)) {
+    setText(ui.joinNote, "Use 1 to 64 letters, digits, -, _ or .");
+    ui.joinNote.classList.add("error");
+    return;
+  }
+  setText(ui.joinNote, "");
+  ui.joinRoom.value = "";
+  client.join(name);
+  activate(name, { focus: true });
+});
+
+ui.leave.addEventListener("click", () => {
+  const conv = client.conversations.get(active);
+  if (!conv || conv.key === LOBBY) return;
+  if (conv.kind === "room") client.leave(conv.key);
+  else client.closeDirect(conv.key);
+  logs.get(conv.key)?.list.remove();
+  logs.delete(conv.key);
+  unread.delete(conv.key);
+  activate(LOBBY, { focus: true });
+});
+
+ui.retry.addEventListener("click", () => client.reconnectNow());
+// The skip link moves focus itself: following its #fragment would read as a room name.
+document.querySelector(".skip-link").addEventListener("click", (event) => {
+  event.preventDefault();
+  ui.text.focus();
+});
+ui.roomsToggle.addEventListener("click", () => openPanel("rooms"));
+ui.membersToggle.addEventListener("click", () => openPanel("members"));
+ui.scrim.addEventListener("click", () => closePanels({ restoreFocus: true }));
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && ui.app.dataset.panel !== "none") {
+    closePanels({ restoreFocus: true });
+  } else if (event.altKey && (event.key === "ArrowUp" || event.key === "ArrowDown")) {
+    // Alt+Up/Down: the previous or next conversation in the sidebar
+    const keys = [...client.conversations.keys()];
+    const step = event.key === "ArrowUp" ? -1 : 1;
+    const next = keys[(keys.indexOf(active) + step + keys.length) % keys.length];
+    event.preventDefault();
+    activate(next, { focus: true });
+  }
+});
+
+window.addEventListener("hashchange", () => activate(fromHash()));
+window.addEventListener("online", () => client.reconnectNow());
+// Offline means the socket is dead even if the browser has not noticed yet; reconnecting
+// starts (and backs off) now, and "online" cuts the wait short.
+window.addEventListener("offline", () => client.drop());
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) return;
+  unread.delete(active);
+  renderRooms();
+  client.reconnectNow();
+});
+
+ui.nick.value = storedNick || "";
+const first = fromHash();
+logFor(LOBBY);
+activate(first);
+renderStatus();
+client.start();

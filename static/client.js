@@ -1,0 +1,758 @@
+// The chat.v1 client: connection, reconnect with backoff, rejoin with since/epoch, pending
+// messages until their ack, and resending them with their original ref. No DOM here: the page
+// (chat.js) calls the methods below and redraws from this object's state when it fires events.
+//
+// State, in one line: conversations[key] = Conversation (rooms by name, direct messages as
+// "@<id>"); pending[ref] = an entry of ours the server has not confirmed yet.
+//
+// Events (CustomEvent, details in brackets):
+//   status   the connection changed: see `state`, `retryAt`
+//   self     our id or nick changed
+//   rooms    a conversation was added or removed
+//   entries  [key, added, initial]: a conversation's entries changed; `added` are the new
+//            ones, `initial` when they are the backlog of a room just joined
+//   members  [key]: a room's member list changed
+//   typing   [key]: someone started typing in a room
+//   problem  [code, message, about]: the server refused something the user asked for
+
+export const LOBBY = "lobby";
+export const ROOM_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+export const NICK_MAX = 32;
+export const TEXT_MAX = 4000;
+export const TYPING_MS = 5000; // how long "is typing" lasts after the last notice
+const ENTRIES_MAX = 1000; // entries kept per conversation, oldest dropped first
+const REFS_KEPT = 300; // our own refs remembered across reloads, to mark our messages
+const LAST = Number.MAX_SAFE_INTEGER; // sorts pending messages after everything stored
+
+/** The WebSocket URL of the page's own server: ws: for http pages, wss: for https. */
+export function chatUrl(loc) {
+  const scheme = loc.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${loc.host}/ws`;
+}
+
+/** Milliseconds to wait before reconnect attempt `attempt` (1, 2, ...): the ceiling doubles
+ * from `base` up to `cap`, and the wait is a random point in its upper half, so that clients
+ * dropped together (a server restart) do not come back in lockstep. */
+export function backoff(attempt, { base = 500, cap = 5000, random = Math.random } = {}) {
+  const ceiling = Math.min(cap, base * 2 ** Math.max(0, attempt - 1));
+  return ceiling / 2 + (random() * ceiling) / 2;
+}
+
+/** A fresh idempotency key: 32 hex digits (the contract wants a string of 8 to 64). Uses
+ * getRandomValues, which, unlike randomUUID, also exists on plain-http pages. */
+export function newRef(crypto = globalThis.crypto) {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function compareSort(a, b) {
+  return a[0] - b[0] || a[1] - b[1] || a[2] - b[2];
+}
+
+function who(raw) {
+  return { id: Number(raw && raw.id), nick: String((raw && raw.nick) || "?") };
+}
+
+/** A room or a direct conversation: its entries in display order, members and recovery
+ * point. Entries are messages (`kind` "message" or "direct") and local "notice" lines; each
+ * has a stable `key` and a `sort` triple [epoch ordinal, message id, tie-breaker]. */
+export class Conversation {
+  constructor(key, kind, name) {
+    this.key = key;
+    this.kind = kind; // "room" or "direct"
+    this.name = name; // room name, or the peer's nick
+    this.peer = null; // {id, nick} for a direct conversation
+    this.state = kind === "room" ? "joining" : "open"; // rooms: joining, joined, left
+    this.entries = [];
+    this.index = new Map(); // "r:<ref>" and "m:<epoch>:<id>" -> entry
+    this.members = new Map(); // id -> {id, nick}
+    this.memberCount = 0;
+    this.epoch = null; // the room's epoch as last seen
+    this.lastId = 0; // the highest message id seen in that epoch: `since` on rejoin
+    this.epochs = new Map(); // epoch -> ordinal, in the order we met them
+    this.typing = new Map(); // id -> {nick, until}
+    this.seq = 0; // tie-breaker for notices and direct messages
+  }
+
+  /** Put `entry` in display order (it may already be in the list: then it moves). */
+  place(entry) {
+    const at = this.entries.indexOf(entry);
+    if (at >= 0) this.entries.splice(at, 1);
+    let i = this.entries.length;
+    while (i > 0 && compareSort(this.entries[i - 1].sort, entry.sort) > 0) i -= 1;
+    this.entries.splice(i, 0, entry);
+    while (this.entries.length > ENTRIES_MAX) {
+      const gone = this.entries.shift();
+      for (const [k, e] of this.index) if (e === gone) this.index.delete(k);
+    }
+  }
+
+  ordinal() {
+    return this.epochs.has(this.epoch) ? this.epochs.get(this.epoch) : 0;
+  }
+
+  /** Typing members whose notice has not expired, at time `now`. */
+  typers(now) {
+    const out = [];
+    for (const [id, t] of this.typing) {
+      if (t.until > now) out.push(t.nick);
+      else this.typing.delete(id);
+    }
+    return out;
+  }
+}
+
+export class ChatClient extends EventTarget {
+  /**
+   * url:       the /ws URL (see chatUrl)
+   * nick:      the nick to ask for after every welcome (null keeps the server's)
+   * storage:   a Storage (sessionStorage) for joined rooms and unconfirmed messages, or null
+   * WebSocket, timers ({setTimeout, clearTimeout, setInterval, clearInterval}), random, now:
+   *            seams for tests
+   * retry:     {base, cap} for backoff(), in ms
+   * heartbeat: {every, timeout, resend} in ms: ping after `every` of silence and drop the
+   *            socket when `timeout` passes without an answer; resend a message whose ack
+   *            is `resend` late
+   */
+  constructor({ url, nick = null, storage = null, WebSocket = globalThis.WebSocket,
+    timers = globalThis, random = Math.random, now = () => Date.now(),
+    retry = { base: 500, cap: 5000 }, heartbeat = { every: 15000, timeout: 10000, resend: 8000 } } = {}) {
+    super();
+    this.url = url;
+    this.WebSocket = WebSocket;
+    this.timers = timers;
+    this.random = random;
+    this.now = now;
+    this.retry = retry;
+    this.heartbeat = heartbeat;
+    this.storage = storage;
+
+    this.state = "idle"; // idle, connecting, open, waiting (for a retry), stopped
+    this.everConnected = false;
+    this.attempt = 0;
+    this.retryAt = null;
+    this.generation = 0; // counts welcomes: which connection an entry was last sent on
+    this.self = { id: null, nick: null };
+    this.wantedNick = nick;
+    this.conversations = new Map();
+    this.pending = new Map();
+    this.myRefs = new Set();
+    this.ws = null;
+    this.lastFrameAt = 0;
+    this.pingSentAt = 0;
+    this.retryTimer = null;
+    this.tickTimer = null;
+
+    this.#room(LOBBY);
+    this.#restore();
+  }
+
+  // -- what the page asks for -------------------------------------------------------------
+
+  start() {
+    if (this.state === "idle" || this.state === "stopped") this.#connect();
+  }
+
+  stop() {
+    this.state = "stopped";
+    this.#clearTimers();
+    if (this.ws) this.#detach(this.ws).close(1000, "bye");
+    this.ws = null;
+    this.#emit("status");
+  }
+
+  /** Skip the rest of the backoff wait (the network came back, the user asked). */
+  reconnectNow() {
+    if (this.state === "waiting") {
+      this.timers.clearTimeout(this.retryTimer);
+      this.#connect();
+    }
+  }
+
+  /** Give up on the current socket (the browser went offline, say) and reconnect as after any
+   * lost connection. */
+  drop() {
+    if (this.state !== "open" && this.state !== "connecting") return;
+    const ws = this.ws;
+    this.#lost();
+    if (ws) ws.close(4000, "dropped by the client");
+  }
+
+  get connected() {
+    return this.state === "open";
+  }
+
+  /** Join room `name` (or just answer with what is there when already in it). */
+  join(name) {
+    if (!ROOM_NAME.test(name)) throw new RangeError("room names are 1-64 letters, digits, '-', '_' or '.'");
+    const conv = this.#room(name);
+    if (conv.state === "left") conv.state = "joining";
+    this.#saveRooms();
+    if (conv.state === "joining") this.#sendJoin(conv);
+    return conv;
+  }
+
+  leave(name) {
+    const conv = this.conversations.get(name);
+    if (!conv || name === LOBBY) return;
+    this.#send({ type: "leave", room: name, ref: `leave:${name}` });
+    this.#forget(conv);
+  }
+
+  /** Ask for nick `nick`; kept and asked for again after every reconnect. */
+  setNick(nick) {
+    this.wantedNick = nick.trim();
+    this.#send({ type: "nick", nick: this.wantedNick, ref: "nick" });
+  }
+
+  typing(key) {
+    const conv = this.conversations.get(key);
+    if (conv && conv.kind === "room" && conv.state === "joined") this.#send({ type: "typing", room: key });
+  }
+
+  /** The direct conversation with `member` ({id, nick}), made when needed. */
+  direct(member) {
+    const key = `@${member.id}`;
+    let conv = this.conversations.get(key);
+    if (!conv) {
+      conv = new Conversation(key, "direct", member.nick);
+      conv.peer = who(member);
+      this.conversations.set(key, conv);
+      this.#emit("rooms");
+    }
+    return conv;
+  }
+
+  closeDirect(key) {
+    const conv = this.conversations.get(key);
+    if (conv && conv.kind === "direct") this.#forget(conv);
+  }
+
+  /** Send `text` to conversation `key`; returns the entry, shown as pending until the server
+   * confirms it. Room messages wait in `pending` through disconnects and are resent with
+   * the same ref until acknowledged. */
+  send(key, text) {
+    const conv = this.conversations.get(key);
+    if (!conv || !text.trim()) return null;
+    const ref = newRef();
+    this.#remember(ref);
+    const entry = {
+      key: `r:${ref}`, kind: conv.kind === "room" ? "message" : "direct", ref, text,
+      from: { ...this.self }, ts: this.now() / 1000, mine: true, status: "pending",
+      id: null, epoch: null, error: null, sentOn: null, sentAt: 0, room: key,
+      // Room messages take their place by id once stored; directs stay in arrival order.
+      sort: conv.kind === "room" ? [LAST, 0, ++conv.seq] : [0, ++conv.seq, 0],
+    };
+    conv.index.set(entry.key, entry);
+    conv.place(entry);
+    if (conv.kind === "room") {
+      this.pending.set(ref, entry);
+      this.#savePending();
+      this.#flush();
+    } else if (this.connected) {
+      this.pending.set(ref, entry);
+      this.#send({ type: "direct", to: conv.peer.id, text, ref });
+      // Requests are answered in order, so this pong means the direct went through, unless
+      // an error with its ref came first. (The server has no ack for directs.)
+      this.#send({ type: "ping", ref: `dm:${ref}` });
+    } else {
+      entry.status = "failed";
+      entry.error = "you are offline";
+    }
+    this.#emit("entries", { key, added: [entry] });
+    return entry;
+  }
+
+  // -- the connection ----------------------------------------------------------------------
+
+  #connect() {
+    this.#clearTimers();
+    this.state = "connecting";
+    this.retryAt = null;
+    this.#emit("status");
+    let ws;
+    try {
+      ws = new this.WebSocket(this.url, "chat.v1");
+    } catch (err) {
+      this.#lost();
+      return;
+    }
+    this.ws = ws;
+    ws.onmessage = (event) => this.#receive(event.data);
+    ws.onclose = () => {
+      if (this.ws === ws) this.#lost();
+    };
+    ws.onerror = () => {}; // a close event follows; the browser has logged the details
+  }
+
+  #detach(ws) {
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    return ws;
+  }
+
+  /** The socket is gone: keep everything, wait a little, try again. */
+  #lost() {
+    if (this.state === "stopped") return;
+    this.#clearTimers();
+    if (this.ws) this.#detach(this.ws);
+    this.ws = null;
+    for (const conv of this.conversations.values()) {
+      conv.typing.clear();
+      if (conv.kind === "room" && conv.state === "joined") conv.state = "joining";
+    }
+    this.attempt += 1;
+    const wait = backoff(this.attempt, { ...this.retry, random: this.random });
+    this.state = "waiting";
+    this.retryAt = this.now() + wait;
+    this.retryTimer = this.timers.setTimeout(() => this.#connect(), wait);
+    this.#emit("status");
+    for (const conv of this.conversations.values()) this.#emit("entries", { key: conv.key, added: [] });
+  }
+
+  #clearTimers() {
+    this.timers.clearTimeout(this.retryTimer);
+    this.timers.clearInterval(this.tickTimer);
+    this.retryTimer = this.tickTimer = null;
+  }
+
+  /** Every few seconds while open: ping when idle, give up on a socket that does not answer
+   * (the browser may not notice a dead one for minutes), resend messages whose ack is
+   * overdue. Measured from our own ping, so that timers slowed down in a background tab do
+   * not count as silence. */
+  #tick() {
+    const now = this.now();
+    if (this.pingSentAt > this.lastFrameAt && now - this.pingSentAt > this.heartbeat.timeout) {
+      this.drop();
+      return;
+    }
+    if (now - this.lastFrameAt > this.heartbeat.every && this.pingSentAt <= this.lastFrameAt) {
+      this.pingSentAt = now;
+      this.#send({ type: "ping", ref: "heartbeat" });
+    }
+    for (const entry of this.pending.values()) {
+      if (entry.kind === "message" && entry.sentOn !== null && now - entry.sentAt > this.heartbeat.resend) {
+        entry.sentOn = null;
+      }
+    }
+    this.#flush();
+  }
+
+  #send(obj) {
+    if (!this.connected || !this.ws) return false;
+    this.ws.send(JSON.stringify(obj));
+    return true;
+  }
+
+  #receive(data) {
+    this.lastFrameAt = this.now();
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch (err) {
+      return; // not ours to show; the contract says every frame is JSON
+    }
+    if (!msg || typeof msg !== "object") return;
+    switch (msg.type) {
+      case "welcome":
+        this.#onWelcome(msg);
+        break;
+      case "joined":
+        this.#onJoined(msg);
+        break;
+      case "left":
+        break; // we forgot the room when we asked to leave
+      case "message":
+        this.#onMessage(msg);
+        break;
+      case "ack":
+        this.#onAck(msg);
+        break;
+      case "presence":
+        this.#onPresence(msg);
+        break;
+      case "nick":
+        this.#onNick(msg);
+        break;
+      case "direct":
+        this.#onDirect(msg);
+        break;
+      case "typing":
+        this.#onTyping(msg);
+        break;
+      case "pong":
+        this.#onPong(msg);
+        break;
+      case "error":
+        this.#onError(msg);
+        break;
+      default:
+        break; // the contract may add types; ignore what we do not know
+    }
+  }
+
+  // -- what the server says ----------------------------------------------------------------
+
+  #onWelcome(msg) {
+    this.state = "open";
+    this.everConnected = true;
+    this.attempt = 0;
+    this.generation += 1;
+    this.self = { id: Number(msg.id), nick: String(msg.nick) };
+    this.pingSentAt = 0;
+    this.tickTimer = this.timers.setInterval(() => this.#tick(), Math.min(5000, this.heartbeat.every));
+    if (this.wantedNick && this.wantedNick !== this.self.nick) {
+      this.#send({ type: "nick", nick: this.wantedNick, ref: "nick" });
+    }
+
+    // The welcome puts us in the lobby. On a first connection its history is all we need;
+    // after a reconnect we ask with since/epoch what we missed, like for every other room.
+    const lobby = this.#room(LOBBY);
+    const fresh = lobby.epoch === null;
+    const since = { since: lobby.lastId, epoch: lobby.epoch };
+    this.#applyState(lobby, msg, fresh ? msg.history : []);
+    if (!fresh) this.#send({ type: "join", room: LOBBY, ...since, ref: `join:${LOBBY}` });
+    for (const conv of this.conversations.values()) {
+      if (conv.kind === "room" && conv.key !== LOBBY && conv.state !== "left") this.#sendJoin(conv);
+    }
+    this.#flush();
+    this.#emit("self");
+    this.#emit("status");
+    this.#emit("members", { key: LOBBY });
+  }
+
+  #sendJoin(conv) {
+    conv.state = "joining";
+    const req = { type: "join", room: conv.key, ref: `join:${conv.key}` };
+    if (conv.epoch !== null) Object.assign(req, { since: conv.lastId, epoch: conv.epoch });
+    this.#send(req);
+  }
+
+  #onJoined(msg) {
+    const conv = this.conversations.get(msg.room);
+    if (!conv || conv.kind !== "room") return; // we left meanwhile; the leave is on its way
+    this.#applyState(conv, msg, msg.history);
+    this.#flush();
+    this.#emit("members", { key: conv.key });
+  }
+
+  /** Take a welcome's or joined's room state: members, epoch, and `history` merged in. */
+  #applyState(conv, msg, history) {
+    conv.state = "joined";
+    conv.members = new Map((Array.isArray(msg.members) ? msg.members : []).map((m) => [Number(m.id), who(m)]));
+    conv.memberCount = Number(msg.member_count ?? conv.members.size);
+    const initial = conv.epoch === null; // the room's backlog on first joining: not "unread"
+    if (msg.epoch !== conv.epoch) this.#newEpoch(conv, String(msg.epoch));
+    const added = [];
+    for (const m of Array.isArray(history) ? history : []) {
+      const entry = this.#merge(conv, m);
+      if (entry) added.push(entry);
+    }
+    this.#emit("entries", { key: conv.key, added, initial });
+  }
+
+  /** The room's sequence started anew (the server restarted, say): ids from now on are in a
+   * new epoch. What we already show stays; a notice marks the seam. */
+  #newEpoch(conv, epoch) {
+    const hadHistory = conv.entries.some((e) => e.kind === "message" && e.status === "sent");
+    conv.epoch = epoch;
+    conv.lastId = 0;
+    if (!conv.epochs.has(epoch)) conv.epochs.set(epoch, conv.epochs.size);
+    if (hadHistory) {
+      this.#notice(conv, "The server's history starts again here; earlier messages are kept above.", [conv.ordinal(), 0, 0.5]);
+    }
+  }
+
+  /** Add a stored message (live or from history) unless we already show it: the same id in
+   * the same epoch, or the same ref (our own pending message, or a resend after a restart).
+   * Returns the new entry, or null. */
+  #merge(conv, m) {
+    const id = Number(m.id);
+    const idKey = `m:${conv.epoch}:${id}`;
+    if (!Number.isFinite(id) || conv.index.has(idKey)) return null;
+    conv.lastId = Math.max(conv.lastId, id);
+    const ref = typeof m.ref === "string" ? m.ref : null;
+    const same = ref && conv.index.get(`r:${ref}`);
+    if (same) {
+      conv.index.set(idKey, same);
+      if (same.status !== "sent") this.#confirm(conv, same, id, m.ts);
+      return null;
+    }
+    const from = who(m.from);
+    const entry = {
+      key: ref ? `r:${ref}` : idKey, kind: "message", ref, id, epoch: conv.epoch, from,
+      text: String(m.text), ts: Number(m.ts), status: "sent", error: null, room: conv.key,
+      mine: from.id === this.self.id || (ref !== null && this.myRefs.has(ref)),
+      sort: [conv.ordinal(), id, 0],
+    };
+    conv.index.set(idKey, entry);
+    if (ref) conv.index.set(entry.key, entry);
+    conv.place(entry);
+    conv.typing.delete(from.id);
+    return entry;
+  }
+
+  #confirm(conv, entry, id, ts) {
+    entry.id = id;
+    entry.ts = Number(ts) || entry.ts;
+    entry.epoch = conv.epoch;
+    entry.status = "sent";
+    entry.error = null;
+    entry.sort = [conv.ordinal(), id, 0];
+    conv.index.set(`m:${conv.epoch}:${id}`, entry);
+    conv.lastId = Math.max(conv.lastId, id);
+    conv.place(entry);
+    this.pending.delete(entry.ref);
+    this.#savePending();
+  }
+
+  #onMessage(msg) {
+    const conv = this.conversations.get(msg.room);
+    if (!conv || conv.kind !== "room") return;
+    const entry = this.#merge(conv, msg);
+    this.#emit("entries", { key: conv.key, added: entry ? [entry] : [] });
+  }
+
+  #onAck(msg) {
+    const entry = this.pending.get(msg.ref);
+    const conv = this.conversations.get(msg.room);
+    if (!entry || !conv || entry.kind !== "message") return;
+    this.#confirm(conv, entry, Number(msg.id), msg.ts);
+    this.#emit("entries", { key: conv.key, added: [] });
+  }
+
+  #onPresence(msg) {
+    const conv = this.conversations.get(msg.room);
+    if (!conv || conv.kind !== "room") return;
+    const member = who(msg.member);
+    const before = conv.members.get(member.id);
+    switch (msg.event) {
+      case "join":
+        if (!before) conv.memberCount += 1;
+        conv.members.set(member.id, member);
+        this.#notice(conv, `${member.nick} joined`).about = { id: member.id, event: "join" };
+        break;
+      case "leave":
+        if (before) conv.memberCount = Math.max(0, conv.memberCount - 1);
+        conv.members.delete(member.id);
+        conv.typing.delete(member.id);
+        this.#notice(conv, `${member.nick} left`);
+        break;
+      case "nick": {
+        conv.members.set(member.id, member);
+        // Someone who renames right after arriving just "joined" under the new name.
+        const arrival = this.#recentJoin(conv, member.id);
+        if (arrival) arrival.text = `${member.nick} joined`;
+        else if (before && before.nick !== member.nick) this.#notice(conv, `${before.nick} is now ${member.nick}`);
+        this.#renamePeer(member);
+        break;
+      }
+      default:
+        return;
+    }
+    this.#emit("members", { key: conv.key });
+    this.#emit("entries", { key: conv.key, added: [] });
+  }
+
+  #recentJoin(conv, id) {
+    const since = this.now() / 1000 - 60;
+    for (let i = conv.entries.length - 1; i >= Math.max(0, conv.entries.length - 20); i -= 1) {
+      const e = conv.entries[i];
+      if (e.kind === "notice" && e.about && e.about.id === id && e.about.event === "join" && e.ts > since) return e;
+    }
+    return null;
+  }
+
+  #renamePeer(member) {
+    const conv = this.conversations.get(`@${member.id}`);
+    if (conv && conv.peer.nick !== member.nick) {
+      conv.peer = member;
+      conv.name = member.nick;
+      this.#emit("rooms");
+    }
+  }
+
+  #onNick(msg) {
+    this.self = { id: Number(msg.id), nick: String(msg.nick) };
+    this.wantedNick = this.self.nick;
+    for (const conv of this.conversations.values()) {
+      if (conv.members.has(this.self.id)) {
+        conv.members.set(this.self.id, { ...this.self });
+        this.#emit("members", { key: conv.key });
+      }
+    }
+    this.#emit("self");
+  }
+
+  #onDirect(msg) {
+    const from = who(msg.from);
+    const conv = this.direct(from);
+    this.#renamePeer(from);
+    const entry = {
+      key: `d:${++conv.seq}`, kind: "direct", ref: null, id: null, epoch: null, from,
+      text: String(msg.text), ts: Number(msg.ts), status: "sent", error: null, mine: false,
+      room: conv.key, sort: [0, conv.seq, 0],
+    };
+    conv.place(entry);
+    this.#emit("entries", { key: conv.key, added: [entry] });
+  }
+
+  #onTyping(msg) {
+    const conv = this.conversations.get(msg.room);
+    if (!conv) return;
+    const from = who(msg.from);
+    conv.typing.set(from.id, { nick: from.nick, until: this.now() + TYPING_MS });
+    this.#emit("typing", { key: conv.key });
+  }
+
+  #onPong(msg) {
+    const ref = typeof msg.ref === "string" ? msg.ref : "";
+    if (!ref.startsWith("dm:")) return;
+    const entry = this.pending.get(ref.slice(3));
+    if (!entry) return;
+    this.pending.delete(entry.ref);
+    if (entry.status === "pending") entry.status = "sent";
+    this.#emit("entries", { key: entry.room, added: [] });
+  }
+
+  #onError(msg) {
+    const ref = typeof msg.ref === "string" ? msg.ref : null;
+    const code = String(msg.code);
+    const text = String(msg.message || code);
+    const entry = ref && this.pending.get(ref);
+    if (entry) {
+      if (code === "unavailable" && entry.kind === "message") {
+        entry.sentOn = null; // not stored: the next tick sends it again
+        return;
+      }
+      this.pending.delete(ref);
+      this.#savePending();
+      entry.status = "failed";
+      entry.error = text;
+      this.#emit("entries", { key: entry.room, added: [] });
+      return;
+    }
+    if (code === "rate_limited") {
+      // The server does not say which request it dropped; resend whatever is unconfirmed
+      // (the refs make that safe) once the limit lets us.
+      this.timers.setTimeout(() => {
+        for (const e of this.pending.values()) if (e.kind === "message") e.sentOn = null;
+        this.#flush();
+      }, 1500);
+    }
+    let about = "other";
+    if (ref && ref.startsWith("join:")) {
+      about = "join";
+      const conv = this.conversations.get(ref.slice(5));
+      if (conv && conv.key !== LOBBY) this.#forget(conv);
+    } else if (ref === "nick") {
+      about = "nick";
+      this.wantedNick = this.self.nick;
+    }
+    this.#emit("problem", { code, message: text, about });
+  }
+
+  // -- helpers -----------------------------------------------------------------------------
+
+  /** Send every unconfirmed room message not yet sent on this connection, oldest first. */
+  #flush() {
+    if (!this.connected) return;
+    for (const entry of this.pending.values()) {
+      if (entry.kind !== "message" || entry.sentOn === this.generation) continue;
+      // For a room still joining, the join is on the wire ahead of this message and the
+      // server answers requests in order.
+      const conv = this.conversations.get(entry.room);
+      if (!conv || conv.state === "left") continue;
+      this.#send({ type: "message", room: entry.room, text: entry.text, ref: entry.ref });
+      entry.sentOn = this.generation;
+      entry.sentAt = this.now();
+    }
+  }
+
+  #room(name) {
+    let conv = this.conversations.get(name);
+    if (!conv) {
+      conv = new Conversation(name, "room", name);
+      this.conversations.set(name, conv);
+      this.#emit("rooms");
+    }
+    return conv;
+  }
+
+  #forget(conv) {
+    conv.state = "left";
+    this.conversations.delete(conv.key);
+    for (const [ref, entry] of this.pending) if (entry.room === conv.key) this.pending.delete(ref);
+    this.#saveRooms();
+    this.#savePending();
+    this.#emit("rooms");
+  }
+
+  #notice(conv, text, sort = [conv.ordinal(), conv.lastId, 1]) {
+    const seq = ++conv.seq;
+    const entry = {
+      key: `n:${seq}`, kind: "notice", text, ts: this.now() / 1000, status: "sent", mine: false,
+      room: conv.key, sort: [sort[0], sort[1], sort[2] + seq / 1e6],
+    };
+    conv.place(entry);
+    return entry;
+  }
+
+  #remember(ref) {
+    this.myRefs.add(ref);
+    if (this.myRefs.size > REFS_KEPT) this.myRefs.delete(this.myRefs.values().next().value);
+    this.#store("chat.refs", [...this.myRefs]);
+  }
+
+  #emit(type, detail = {}) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  // Joined rooms and unconfirmed messages survive a reload of the tab (sessionStorage).
+  #store(key, value) {
+    try {
+      this.storage?.setItem(key, JSON.stringify(value));
+    } catch (err) {
+      // storage full or disabled: the session still works, it just forgets on reload
+    }
+  }
+
+  #load(key) {
+    try {
+      const raw = this.storage?.getItem(key);
+      return raw ? JSON.parse(raw) : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
+  #saveRooms() {
+    const names = [...this.conversations.values()]
+      .filter((c) => c.kind === "room" && c.key !== LOBBY && c.state !== "left").map((c) => c.key);
+    this.#store("chat.rooms", names);
+  }
+
+  #savePending() {
+    const list = [...this.pending.values()].filter((e) => e.kind === "message")
+      .map((e) => ({ ref: e.ref, room: e.room, text: e.text, ts: e.ts }));
+    this.#store("chat.pending", list);
+  }
+
+  #restore() {
+    for (const ref of this.#load("chat.refs") || []) if (typeof ref === "string") this.myRefs.add(ref);
+    for (const name of this.#load("chat.rooms") || []) {
+      if (typeof name === "string" && ROOM_NAME.test(name)) this.#room(name);
+    }
+    for (const p of this.#load("chat.pending") || []) {
+      if (!p || typeof p.ref !== "string" || typeof p.text !== "string" || !ROOM_NAME.test(String(p.room))) continue;
+      const conv = this.#room(p.room);
+      const entry = {
+        key: `r:${p.ref}`, kind: "message", ref: p.ref, text: p.text, from: { id: null, nick: null },
+        ts: Number(p.ts), mine: true, status: "pending", id: null, epoch: null, error: null,
+        sentOn: null, sentAt: 0, room: p.room, sort: [LAST, 0, ++conv.seq],
+      };
+      conv.index.set(entry.key, entry);
+      conv.place(entry);
+      this.pending.set(p.ref, entry);
+    }
+  }
+}

@@ -1,0 +1,75 @@
+// Run in a page of the server's origin by tests/test_page.py: client.js on its own, against a
+// fake WebSocket that the script drives as if it were the server. Returns what it saw.
+async () => {
+  const m = await import("/static/client.js");
+  const out = {};
+  out.backoffLow = [1, 2, 3, 4, 5, 6, 8].map((n) => m.backoff(n, { random: () => 0 }));
+  out.backoffHigh = [1, 2, 3, 4, 5, 6, 8].map((n) => m.backoff(n, { random: () => 0.999999 }));
+  out.urls = [m.chatUrl({ protocol: "https:", host: "chat.example:8443" }),
+              m.chatUrl({ protocol: "http:", host: "127.0.0.1:8080" })];
+
+  // A fake socket: records what the client sends; the test plays the server.
+  const sockets = [];
+  class FakeSocket {
+    constructor(url, protocol) { this.url = url; this.protocol = protocol; this.sent = []; sockets.push(this); }
+    send(text) { this.sent.push(JSON.parse(text)); }
+    close() { this.closed = true; }
+    deliver(obj) { this.onmessage({ data: JSON.stringify(obj) }); }
+    drop() { this.onclose({ code: 1006 }); }
+  }
+  const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+  const until = async (f) => { for (let i = 0; i < 200 && !f(); i++) await wait(5); };
+  const client = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  const lobby = () => client.conversations.get("lobby");
+  const shown = () => lobby().entries.map((e) => (e.kind === "notice" ? "--" : e.text + ":" + e.status));
+  const msg = (id, text, ref) => ({ type: "message", room: "lobby", id, text, ts: 1700000000 + id,
+                                    from: { id: 9, nick: "Zed" }, ...(ref ? { ref } : {}) });
+  const welcome = (id, epoch, history) => ({ type: "welcome", id, nick: "Client " + id, room: "lobby",
+    members: [{ id, nick: "Client " + id }], member_count: 1, history, epoch });
+
+  client.start();
+  out.protocol = sockets[0].protocol;
+  sockets[0].deliver(welcome(1, "e1", [msg(1, "one")]));
+  const entry = client.send("lobby", "mine");
+  const ref = sockets[0].sent.at(-1).ref;
+  out.firstSend = sockets[0].sent.at(-1);
+  sockets[0].drop();  // before the ack came
+  out.stateAfterDrop = client.state;
+  await until(() => sockets.length === 2);
+  // The server had stored "mine" as id 2 before the connection went.
+  sockets[1].deliver(welcome(4, "e1", [msg(1, "one"), msg(2, "mine", ref)]));
+  out.reconnectFrames = sockets[1].sent.map((f) => f.type === "join" ? [f.type, f.room, f.since, f.epoch] : [f.type, f.ref]);
+  sockets[1].deliver({ type: "joined", room: "lobby", members: [], member_count: 1, epoch: "e1",
+                       recovered: true, history: [msg(2, "mine", ref), msg(3, "three")] });
+  sockets[1].deliver({ type: "ack", ref, room: "lobby", id: 2, ts: 1700000002 });
+  out.afterRecovery = shown();
+  out.lastId = lobby().lastId;
+
+  // The server restarts: a new epoch, ids from 1 again; the old messages stay.
+  sockets[1].drop();
+  await until(() => sockets.length === 3);
+  sockets[2].deliver(welcome(1, "e2", [msg(1, "new one")]));
+  out.restartJoin = sockets[2].sent.find((f) => f.type === "join");
+  sockets[2].deliver({ type: "joined", room: "lobby", members: [], member_count: 1, epoch: "e2",
+                       recovered: false, history: [msg(1, "new one"), msg(2, "mine", ref)] });
+  sockets[2].deliver(msg(3, "new three"));
+  sockets[2].deliver(msg(3, "new three"));
+  out.afterRestart = shown();
+  out.reconnects = sockets.length;
+  out.pendingLeft = client.pending.size;
+  client.stop();
+
+  // A socket that stops answering is given up on: a ping after `every` ms of silence, and a
+  // new socket when no answer comes within `timeout`.
+  const quiet = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 },
+                                   heartbeat: { every: 40, timeout: 60, resend: 1000 } });
+  const before = sockets.length;
+  quiet.start();
+  const silent = sockets.at(-1);
+  silent.deliver(welcome(7, "h1", []));
+  await until(() => sockets.length === before + 2);
+  out.heartbeat = { pinged: silent.sent.some((f) => f.type === "ping"), closed: !!silent.closed,
+                    sockets: sockets.length - before };
+  quiet.stop();
+  return out;
+}

@@ -1,0 +1,461 @@
+"""The chat page in headless Chromium: tabs talking, rooms, presence, recovery and safety.
+
+Each tab is its own browser context (its own localStorage, like two people). Every page's
+console is watched: an error or warning fails the test, except the browser's own
+"WebSocket connection ... failed" lines in tests that take the network or server away.
+"""
+import os
+import re
+import time
+
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+RECONNECT = 15_000  # ms: backoff is capped at 5 s, so two retries fit with room to spare
+SOCKET_FAILED = re.compile(r"WebSocket connection to '.*' failed")
+
+expect.set_options(timeout=5_000)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium at %s (Debian: apt-get install chromium)" % CHROMIUM)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Tabs:
+    """Opens pages, each in a fresh context, and collects what their consoles complain about."""
+
+    def __init__(self, browser):
+        self.browser = browser
+        self.contexts = []
+        self.problems = []
+        self.allowed = []
+
+    def open(self, server, path="/", viewport=None, init_script=None, wait=True):
+        context = self.browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+        self.contexts.append(context)
+        if init_script:
+            context.add_init_script(init_script)
+        page = context.new_page()
+        page.on("console", lambda msg: self._console(page, msg))
+        page.on("pageerror", lambda exc: self.problems.append("uncaught: %s" % exc))
+        page.goto(server.url + path)
+        if wait:
+            expect(status(page)).to_have_text("Connected")
+        return page
+
+    def allow_socket_failures(self):
+        """This test takes the server or network away: the browser will log failed sockets."""
+        self.allowed.append(SOCKET_FAILED)
+
+    def _console(self, page, msg):
+        if msg.type in ("error", "warning") and not any(p.search(msg.text) for p in self.allowed):
+            self.problems.append("%s %s: %s" % (page.url, msg.type, msg.text))
+
+    def close(self):
+        for context in self.contexts:
+            context.close()
+
+
+@pytest.fixture
+def tabs(browser):
+    tabs = Tabs(browser)
+    yield tabs
+    tabs.close()
+    assert not tabs.problems, "the browser console reported:\n" + "\n".join(tabs.problems)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def status(page):
+    return page.get_by_test_id("status")
+
+
+def log(page, key="lobby"):
+    return page.locator('[data-testid="messages"][data-key="%s"]' % key)
+
+
+def texts(page, key="lobby"):
+    """The message texts shown in conversation ``key``, in order."""
+    return log(page, key).locator(".msg-text").all_inner_texts()
+
+
+def message(page, text, key="lobby"):
+    return log(page, key).get_by_test_id("message").filter(has_text=text)
+
+
+def say(page, text):
+    box = page.get_by_test_id("composer")
+    box.fill(text)
+    box.press("Enter")
+
+
+def members(page):
+    return page.get_by_test_id("members")
+
+
+def set_nick(page, nick):
+    page.get_by_label("Your name").fill(nick)
+    page.get_by_label("Your name").press("Enter")
+
+
+def wait_until(page, predicate, timeout=5.0, what="condition"):
+    """Poll ``predicate`` while letting ``page`` deliver its events (console lines, say)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("timed out waiting for " + what)
+
+
+# -- the scenarios -------------------------------------------------------------------------------
+
+def test_two_tabs_chat_both_ways(server, tabs):
+    """What one tab sends the other shows, both ways, with local times and acks."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    say(a, "Hello from A")
+    expect(message(b, "Hello from A")).to_be_visible()
+    expect(message(a, "Hello from A")).to_have_attribute("data-status", "sent")
+    say(b, "Hi A, B here")
+    expect(message(a, "Hi A, B here")).to_be_visible()
+    assert texts(a) == texts(b) == ["Hello from A", "Hi A, B here"]
+
+    # Shift+Enter is a new line, Enter sends.
+    box = a.get_by_test_id("composer")
+    box.type("line one")
+    box.press("Shift+Enter")
+    box.type("line two")
+    box.press("Enter")
+    expect(log(b).locator(".msg-text").last).to_have_text("line one\nline two")
+    expect(box).to_have_value("")
+
+    # Times are the reader's local clock, with the full date on hover.
+    stamp = message(b, "Hello from A").locator("time")
+    assert re.match(r"\d{4}-\d\d-\d\dT", stamp.get_attribute("datetime"))
+    assert stamp.get_attribute("title")
+    local = b.evaluate("(iso) => new Date(iso).toLocaleTimeString(undefined, "
+                       "{hour: 'numeric', minute: '2-digit'})", stamp.get_attribute("datetime"))
+    expect(stamp).to_have_text(local)
+    expect(members(a).locator("li")).to_have_count(2)
+
+
+def test_nickname_change_is_seen_by_the_other_tab_and_kept(server, tabs):
+    """A new nick shows in the other tab's member list and messages, and survives a reload."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    set_nick(a, "Ada Lovelace")
+    expect(members(b)).to_contain_text("Ada Lovelace")
+    expect(log(b).get_by_test_id("notice").filter(has_text="is now Ada Lovelace")).to_be_visible()
+    say(a, "my name is Ada")
+    expect(message(b, "my name is Ada").locator(".author")).to_have_text("Ada Lovelace")
+
+    a.reload()
+    expect(status(a)).to_have_text("Connected")
+    expect(a.get_by_label("Your name")).to_have_value("Ada Lovelace")
+    expect(members(a)).to_contain_text("Ada Lovelace")
+    expect(members(b).locator("li", has_text="Ada Lovelace")).to_have_count(1)
+
+
+def test_rooms_are_separate_and_links_work(server, tabs):
+    """Rooms keep their own messages; the hash names the room; unread counts; leaving."""
+    a = tabs.open(server)
+    a.get_by_label("Join or create a room").fill("kitchen")
+    a.get_by_label("Join or create a room").press("Enter")
+    expect(a.get_by_test_id("room-title")).to_have_text("#kitchen")
+    assert a.evaluate("location.hash") == "#kitchen"
+
+    b = tabs.open(server, "/#kitchen")  # a link to the room
+    expect(b.get_by_test_id("room-title")).to_have_text("#kitchen")
+    expect(members(a).locator("li")).to_have_count(2)
+    say(a, "soup is ready")
+    expect(message(b, "soup is ready", "kitchen")).to_be_visible()
+
+    # b goes to the lobby; a kitchen message there becomes an unread count.
+    b.get_by_test_id("rooms").get_by_role("link", name="lobby").click()
+    expect(b.get_by_test_id("room-title")).to_have_text("#lobby")
+    say(b, "lobby only")
+    expect(message(a, "lobby only", "lobby")).to_have_count(1)
+    assert "lobby only" not in texts(a, "kitchen")
+    assert "soup is ready" not in texts(b, "lobby")
+    say(a, "more soup")
+    kitchen_link = b.get_by_test_id("rooms").get_by_role("link", name=re.compile("kitchen"))
+    expect(kitchen_link.get_by_test_id("unread")).to_contain_text("1")
+    kitchen_link.click()
+    expect(message(b, "more soup", "kitchen")).to_be_visible()
+    expect(kitchen_link.get_by_test_id("unread")).to_have_count(0)
+
+    b.get_by_test_id("leave").click()
+    expect(b.get_by_test_id("room-title")).to_have_text("#lobby")
+    expect(b.get_by_test_id("rooms").get_by_role("link")).to_have_count(1)
+    expect(members(a).locator("li")).to_have_count(1)  # a still looks at the kitchen
+
+
+def test_presence_and_typing(server, tabs):
+    """The member list follows tabs opening and closing; typing shows in the other tab."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    set_nick(b, "Bea")
+    expect(members(a).locator("li")).to_have_count(2)
+    expect(members(a)).to_contain_text("Bea")
+
+    b.get_by_test_id("composer").type("I am wri")
+    expect(a.get_by_test_id("typing")).to_have_text("Bea is typing…")
+
+    c = tabs.open(server)
+    expect(members(a).locator("li")).to_have_count(3)
+    c.context.close()
+    expect(members(a).locator("li")).to_have_count(2)
+    b.context.close()
+    expect(members(a).locator("li")).to_have_count(1)
+    expect(members(a)).not_to_contain_text("Bea")
+    expect(log(a).get_by_test_id("notice").filter(has_text="Bea left")).to_be_visible()
+
+
+def test_direct_messages(server, tabs):
+    """Clicking a member opens a private conversation; the other side sees it, with a count."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    set_nick(a, "Ada")
+    set_nick(b, "Bea")
+    expect(members(a)).to_contain_text("Bea")
+    members(a).get_by_role("button", name=re.compile("Bea")).click()
+    expect(a.get_by_test_id("room-title")).to_have_text("Bea")
+    say(a, "psst, just you")
+    dm_a = a.locator('[data-testid="messages"][data-key^="@"]')
+    expect(dm_a.get_by_test_id("message").filter(has_text="psst")).to_have_attribute("data-status", "sent")
+
+    directs = b.get_by_test_id("directs")
+    expect(directs.get_by_role("button", name=re.compile("Ada"))).to_contain_text("1")
+    assert "psst, just you" not in texts(b, "lobby")
+    directs.get_by_role("button", name=re.compile("Ada")).click()
+    say(b, "got it")
+    expect(dm_a.get_by_test_id("message").filter(has_text="got it")).to_be_visible()
+
+
+def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
+    """Markup from the network is text: nothing is parsed and no script runs; CSP is sent."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    evil = ('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+            '<b>bold</b> & <a href="javascript:window.pwned=3">link</a>')
+    set_nick(a, "<i>Eve</i>")
+    say(a, evil)
+    expect(message(b, "<script>")).to_be_visible()
+    assert texts(b) == [evil]
+    expect(members(b)).to_contain_text("<i>Eve</i>")
+    expect(message(b, "<script>").locator(".author")).to_have_text("<i>Eve</i>")
+    for page in (a, b):
+        assert page.locator("#app img, #app script, #app b, #app i, .log a").count() == 0
+        assert page.evaluate("window.pwned") is None
+
+    response = a.request.get(server.url + "/")
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assert "connect-src 'self' ws://127.0.0.1:%d wss://127.0.0.1:%d" % (server.port, server.port) in csp
+    assert "<script>" not in response.text() and "<script type=\"module\" src=" in response.text()
+
+
+def test_missed_messages_are_recovered_after_going_offline(server, tabs):
+    """A tab that loses its network catches up on reconnect with since/epoch, without
+    duplicates, and sends what was typed meanwhile exactly once."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    b = tabs.open(server)
+    say(a, "before the outage")
+    expect(message(b, "before the outage")).to_be_visible()
+
+    b.context.set_offline(True)
+    expect(status(b)).to_have_text("Reconnecting…")
+    for n in range(3):
+        say(a, "while B was away %d" % n)
+    say(b, "typed while offline")
+    expect(message(b, "typed while offline")).to_have_attribute("data-status", "pending")
+    expect(message(b, "typed while offline")).to_contain_text("waiting for the connection")
+
+    b.context.set_offline(False)
+    expect(status(b)).to_have_text("Connected", timeout=RECONNECT)
+    expect(message(b, "typed while offline")).to_have_attribute("data-status", "sent")
+    expect(message(a, "typed while offline")).to_have_count(1)
+    expected = ["before the outage"] + ["while B was away %d" % n for n in range(3)] + ["typed while offline"]
+    expect(log(b).locator(".msg-text")).to_have_text(expected)
+    say(a, "after B is back")  # a marker: anything duplicated would have arrived before it
+    expect(message(b, "after B is back")).to_be_visible()
+    assert texts(a) == texts(b) == expected + ["after B is back"]
+    assert log(b).get_by_test_id("notice").filter(has_text="starts again").count() == 0
+
+
+# Replaces WebSocket so a test can drop the server's acks: as if the connection died between
+# the server storing a message and the ack reaching the page.
+DROP_ACKS = """
+(() => {
+  const Native = window.WebSocket;
+  window.dropAcks = false;
+  window.WebSocket = class extends Native {
+    set onmessage(fn) {
+      super.onmessage = fn && ((event) => {
+        if (window.dropAcks && JSON.parse(event.data).type === "ack") return;
+        fn.call(this, event);
+      });
+    }
+    get onmessage() { return super.onmessage; }
+  };
+})();
+"""
+
+
+def test_message_whose_ack_was_lost_is_resent_with_its_ref_and_not_duplicated(server, tabs):
+    """Resending an unacknowledged message after a reconnect reuses its ref; the server keeps
+    one copy and both tabs show one."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server, init_script=DROP_ACKS)
+    b = tabs.open(server)
+    a.evaluate("window.dropAcks = true")
+    say(a, "exactly once please")
+    expect(message(b, "exactly once please")).to_be_visible()
+    expect(message(a, "exactly once please")).to_have_attribute("data-status", "pending")
+    ref = message(a, "exactly once please").get_attribute("data-ref")
+    assert re.fullmatch(r"[0-9a-f]{32}", ref)
+
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    a.evaluate("window.dropAcks = false")
+    a.context.set_offline(False)
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    expect(message(a, "exactly once please")).to_have_attribute("data-status", "sent")
+    say(a, "marker after the resend")
+    expect(message(b, "marker after the resend")).to_be_visible()
+    assert texts(b) == texts(a) == ["exactly once please", "marker after the resend"]
+    assert message(a, "exactly once please").get_attribute("data-ref") == ref
+
+
+def test_server_restart_both_tabs_reconnect_and_nothing_is_lost(start_server, tabs):
+    """The server goes away and comes back on the same port: both tabs reconnect by themselves,
+    keep what they showed, deliver what was typed meanwhile once, and chat on."""
+    tabs.allow_socket_failures()
+    first = start_server()
+    a = tabs.open(first)
+    b = tabs.open(first)
+    say(a, "before restart from A")
+    say(b, "before restart from B")
+    expect(message(a, "before restart from B")).to_be_visible()
+    expect(message(b, "before restart from A")).to_be_visible()
+
+    first.stop()
+    expect(status(a)).to_have_text("Reconnecting…")
+    expect(status(b)).to_have_text("Reconnecting…")
+    say(a, "typed while the server was down")
+    expect(message(a, "typed while the server was down")).to_have_attribute("data-status", "pending")
+
+    second = start_server(env={"PORT": str(first.port)})
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    expect(status(b)).to_have_text("Connected", timeout=RECONNECT)
+    expect(message(b, "typed while the server was down")).to_be_visible()
+    expect(message(a, "typed while the server was down")).to_have_attribute("data-status", "sent")
+    # The new server's history starts afresh; the pages keep the old messages above a seam.
+    expect(log(b).get_by_test_id("notice").filter(has_text="starts again")).to_have_count(1)
+
+    say(b, "after restart from B")
+    expect(message(a, "after restart from B")).to_be_visible()
+    say(a, "after restart from A")
+    expect(message(b, "after restart from A")).to_be_visible()
+    expected = ["before restart from A", "before restart from B", "typed while the server was down",
+                "after restart from B", "after restart from A"]
+    assert texts(a) == texts(b) == expected
+    assert second.port == first.port
+
+
+def test_recipe_pages_say_hello_world_to_each_other(server, tabs):
+    """Two /websocket pages (the recipe's demo, plain text) log each other's Hello World!."""
+    logs = {1: [], 2: []}
+    pages = {}
+    for n in (1, 2):
+        pages[n] = tabs.open(server, "/websocket", wait=False)
+        pages[n].on("console", lambda msg, n=n: logs[n].append(msg.text))
+        server.wait_for_log(r"New connection! \(%d\)" % n)
+    wait_until(pages[1], lambda: 'Client 2 says "Hello World!"' in logs[1], 5, "page 1 to hear client 2")
+    wait_until(pages[2], lambda: 'Client 1 says "Hello World!"' in logs[2], 5, "page 2 to hear client 1")
+    assert "Client 2 connected." in logs[1]
+    assert not any("Client 1 says" in line for line in logs[1])  # the sender hears nothing back
+
+
+def test_phone_width_keyboard_and_screen_reader_basics(server, tabs):
+    """At phone width nothing overflows and the panels are drawers; the page works by
+    keyboard alone and names its regions for screen readers."""
+    a = tabs.open(server, viewport={"width": 375, "height": 740})
+    assert a.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    expect(a.locator("#sidebar")).not_to_be_visible()
+    expect(a.get_by_role("textbox", name="Message #lobby")).to_be_visible()
+    expect(a.get_by_role("log", name="Messages in #lobby")).to_have_attribute("aria-live", "polite")
+    expect(a.get_by_role("status")).to_have_text("Connected")
+
+    # Keyboard only: the skip link leads to the message box; Enter sends.
+    a.keyboard.press("Tab")
+    expect(a.get_by_role("link", name="Skip to the message box")).to_be_focused()
+    a.keyboard.press("Enter")
+    expect(a.get_by_test_id("composer")).to_be_focused()
+    a.keyboard.type("typed with the keyboard")
+    a.keyboard.press("Enter")
+    expect(message(a, "typed with the keyboard")).to_have_attribute("data-status", "sent")
+
+    # The rooms drawer opens from its button, takes focus, and Escape gives it back.
+    toggle = a.get_by_role("button", name="Rooms", exact=True)
+    toggle.focus()
+    a.keyboard.press("Enter")
+    expect(a.locator("#sidebar")).to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    expect(a.get_by_label("Your name")).to_be_focused()
+    a.keyboard.press("Escape")
+    expect(a.locator("#sidebar")).not_to_be_visible()
+    expect(toggle).to_be_focused()
+
+    # Join a room by keyboard through the drawer.
+    a.keyboard.press("Enter")
+    a.get_by_label("Join or create a room").focus()
+    a.keyboard.type("phones")
+    a.keyboard.press("Enter")
+    expect(a.get_by_test_id("room-title")).to_have_text("#phones")
+    expect(a.get_by_test_id("composer")).to_be_focused()
+    assert a.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+CLIENT_UNIT = open(os.path.join(os.path.dirname(__file__), "page_helpers", "client_unit.js")).read()
+
+
+def test_protocol_client_on_its_own(server, browser):
+    """client.js without the page: backoff with jitter, the URL, resend with the same ref,
+    recovery with since/epoch, dedupe across a server restart, dead-socket detection."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/healthz")  # same origin, no page script
+        out = page.evaluate(CLIENT_UNIT)
+    finally:
+        context.close()
+    assert out["backoffLow"] == [250, 500, 1000, 2000, 2500, 2500, 2500]
+    assert all(lo <= hi < 2 * lo + 1 for lo, hi in zip(out["backoffLow"], out["backoffHigh"]))
+    assert out["urls"] == ["wss://chat.example:8443/ws", "ws://127.0.0.1:8080/ws"]
+    assert out["protocol"] == "chat.v1"
+    assert out["firstSend"]["type"] == "message" and re.fullmatch(r"[0-9a-f]{32}", out["firstSend"]["ref"])
+    assert out["stateAfterDrop"] == "waiting"
+    ref = out["firstSend"]["ref"]
+    assert out["reconnectFrames"] == [["join", "lobby", 1, "e1"], ["message", ref]]
+    assert out["afterRecovery"] == ["one:sent", "mine:sent", "three:sent"]
+    assert out["lastId"] == 3
+    assert out["restartJoin"] == {"type": "join", "room": "lobby", "since": 3, "epoch": "e1",
+                                  "ref": "join:lobby"}
+    assert out["afterRestart"] == ["one:sent", "mine:sent", "three:sent", "--", "new one:sent",
+                                   "new three:sent"]
+    assert out["reconnects"] == 3 and out["pendingLeft"] == 0
+    assert out["heartbeat"] == {"pinged": True, "closed": True, "sockets": 2}
