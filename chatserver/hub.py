@@ -130,7 +130,7 @@ class Hub:
 
     # -- requests ------------------------------------------------------------------------
 
-    def join(self, client, name, since=None, epoch=None):
+    def join(self, client, name, since=None, epoch=None, ref=None):
         """Put ``client`` in room ``name`` (again is fine) and send it ``joined``, with what
         it missed when ``since``/``epoch`` allow recovery."""
         if name not in client.rooms and len(client.rooms) >= self.max_rooms:
@@ -140,7 +140,10 @@ class Hub:
             state = self._enter(client, name, since, epoch)
         except Unavailable:
             raise _unavailable("joining") from None
-        self._answer(client, name, {"type": "joined", "room": name, **state})
+        answer = {"type": "joined", "room": name, **state}
+        if ref is not None:
+            answer["ref"] = ref
+        self._answer(client, name, answer)
 
     def leave(self, client, name):
         self._check_member(client, name)

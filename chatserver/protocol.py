@@ -173,6 +173,15 @@ _VALIDATORS = {
 REQUEST_TYPES = tuple(_VALIDATORS)
 
 
+def peek_ref(text):
+    """The ``ref`` of a frame that will not be handled (over the rate limit), or None."""
+    try:
+        obj = json.loads(text)
+        return _ref(obj) if isinstance(obj, dict) else None
+    except (ValueError, RecursionError, ProtocolError):
+        return None
+
+
 def decode(text):
     """Validate one client frame; returns a Request or raises ProtocolError."""
     try:

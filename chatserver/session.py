@@ -64,7 +64,8 @@ def serve(ws, hub, settings, router=None):
             if _over_rate(conn):
                 if dialect == JSON:
                     conn.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
-                                                  "per second" % settings.rate_limit))
+                                                  "per second" % settings.rate_limit,
+                                                  protocol.peek_ref(message)))
                 continue
             if isinstance(message, bytes):
                 if dialect == JSON:
@@ -151,16 +152,18 @@ def _handle_json(conn, hub, text):
         conn.send_json(protocol.error(exc.code, exc.message, exc.ref if exc.ref is not None else ref))
         return
     if reply is not None:
+        if req.ref is not None and "ref" not in reply:
+            reply["ref"] = req.ref  # left, nick, pong: the answer names the request
         conn.send_json(reply)
 
 
 def _pong(conn, hub, req):
-    return {"type": "pong", "ref": req.ref} if req.ref is not None else {"type": "pong"}
+    return {"type": "pong"}
 
 
 _REQUESTS = {
     "message": lambda conn, hub, req: hub.say(conn, req["room"], req["text"], req.ref),
-    "join": lambda conn, hub, req: hub.join(conn, req["room"], req["since"], req["epoch"]),
+    "join": lambda conn, hub, req: hub.join(conn, req["room"], req["since"], req["epoch"], req.ref),
     "leave": lambda conn, hub, req: hub.leave(conn, req["room"]),
     "nick": lambda conn, hub, req: hub.rename(conn, req["nick"]),
     "direct": lambda conn, hub, req: hub.direct(conn, req["to"], req["text"]),

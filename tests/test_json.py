@@ -250,3 +250,27 @@ def test_oversized_json_message_closes_with_1009(start_server, clients):
     a.ws.send(json.dumps({"type": "message", "text": "x" * 2000}))
     closed = a.recv_until_closed()
     assert closed.code == 1009
+
+
+def test_answers_carry_the_request_ref(server, clients):
+    """joined, left, nick and pong name the request's ref, so a client can match them."""
+    a = clients.json(server)
+    a.send(type="join", room="r", ref="j1")
+    assert a.wait("joined")["ref"] == "j1"
+    a.send(type="leave", room="r", ref=2)
+    assert a.wait("left") == {"type": "left", "room": "r", "ref": 2}
+    a.send(type="nick", nick="Zed", ref="n1")
+    assert a.wait("nick")["ref"] == "n1"
+    a.send(type="join", room="r")
+    assert "ref" not in a.wait("joined")
+
+
+def test_rate_limited_error_names_the_dropped_message(start_server, clients):
+    """Over RATE_LIMIT, the `rate_limited` error carries the ref of the message it dropped."""
+    server = start_server(env={"RATE_LIMIT": "1", "RATE_BURST": "1"})
+    a = clients.json(server)
+    a.send(type="message", text="first", ref="m-000001")
+    a.send(type="message", text="second", ref="m-000002")
+    assert a.wait("ack")["ref"] == "m-000001"
+    err = a.wait("error")
+    assert err["code"] == "rate_limited" and err["ref"] == "m-000002"
