@@ -49,7 +49,12 @@ def main(argv=None):
                         handler_class=transport.ChatHandler.configured(policy),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
     server.clients = sockets
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        print("chat.py: cannot listen on %s:%d: %s (check HOST and PORT)"
+              % (settings.host, settings.port, exc.strerror or exc), file=sys.stderr)
+        return 2
     log.info("Listening on http://%s:%d/", settings.host, server.server_port)
     open_sockets = lambda: [c.ws for c in list(sockets.values()) if c.ws is not None]  # noqa: E731
     keepalive = gevent.spawn(session.keepalive, open_sockets, settings.ping_interval,

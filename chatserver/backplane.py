@@ -10,6 +10,7 @@ each message and publishes it in one step, so every process sees one order per r
 Events are dicts with a kind ``k``: ``msg`` (a stored message), ``presence``, ``typing``,
 ``direct`` (to one connection id), ``plain`` (text for plain-text clients only).
 """
+import collections
 import itertools
 import json
 import logging
@@ -39,7 +40,7 @@ class LocalBackplane:
     def __init__(self, history_size):
         self.history_size = history_size
         self._ids = itertools.count(1)
-        self._rooms = {}  # name -> Room (history and sequence)
+        self._rooms = collections.OrderedDict()  # name -> Room, least recently used first
         self._presence = {}  # name -> {id: {id, nick}}
         self._online = set()
         self._deliver = None
@@ -129,25 +130,37 @@ class LocalBackplane:
         room = self._rooms.get(name)
         if room is None:
             room = self._rooms[name] = Room(name, self.history_size)
+            self._evict()
+        else:
+            self._rooms.move_to_end(name)
         return room
 
     def _forget_if_idle(self, name):
-        # Empty rooms keep their history for people who come back, up to a bound.
         room = self._rooms.get(name)
-        if room is not None and (not room.history or len(self._rooms) > EMPTY_ROOMS_KEPT):
+        if room is not None and not room.history:
+            del self._rooms[name]
+
+    def _evict(self):
+        """Empty rooms keep their history for people who come back, up to a bound: the
+        least recently used go first (WAMP publishers can create rooms nobody joins)."""
+        excess = len(self._rooms) - len(self._presence) - EMPTY_ROOMS_KEPT
+        if excess <= 0:
+            return
+        for name in [n for n in self._rooms if n not in self._presence][:excess]:
             del self._rooms[name]
 
 
-EMPTY_ROOMS_KEPT = 10000
+EMPTY_ROOMS_KEPT = 1000
 
 
 # -- Redis --------------------------------------------------------------------------------
 
+ROOM_TTL = 7 * 24 * 3600  # a room nobody wrote to for this long is forgotten (its keys expire)
 SUBSCRIBE_WAIT = 3.0  # seconds to wait for Redis to confirm a subscription
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # reconnect delays, doubled with jitter up to the cap
 
 # KEYS: seq, stream, epoch, refs. ARGV: channel, new epoch, history size, sender json, text,
-# ts, ref ('' for none), room, origin.
+# ts, ref ('' for none), room, origin, seconds to keep an idle room.
 # Increment, append (capped) and publish in one step: every process sees one order per room.
 POST = """
 local epoch = redis.call('GET', KEYS[3])
@@ -174,6 +187,7 @@ if ref ~= '' then
   redis.call('ZADD', KEYS[4], id, ref)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', id - size)
 end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
 redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'msg', o = ARGV[9], room = ARGV[8], id = id,
   from = ARGV[4], text = ARGV[5], ts = ARGV[6], ref = ref}))
 return {1, id, fields}
@@ -338,9 +352,10 @@ class RedisBackplane:
         conn.connect()
         self._sub = conn
         self._pending = {}
-        # A fresh connection has no subscriptions: ask again for every wanted channel.
-        for channel in list(self._channels):
-            self._channels[channel] = gevent.event.Event()
+        # A fresh connection has no subscriptions: ask again for every wanted channel (the
+        # same Events, so that a watch() waiting across the reconnect is woken too).
+        for event in self._channels.values():
+            event.clear()
         with self._write_lock:
             for channel in [CONTROL] + list(self._channels):
                 self._pending[channel] = self._pending.get(channel, 0) + 1
@@ -390,7 +405,7 @@ class RedisBackplane:
         try:
             with self._write_lock:
                 sub.send_command(*command)
-        except self._errors as exc:
+        except (redis.exceptions.RedisError,) + self._errors as exc:
             raise Unavailable(str(exc)) from None
 
     def watch(self, room):
@@ -425,6 +440,10 @@ class RedisBackplane:
         try:
             return fn(*args, **kw)
         except self._errors as exc:
+            raise Unavailable(str(exc)) from None
+        except redis.exceptions.RedisError as exc:
+            # Reachable but refusing: out of memory, read-only replica after a failover...
+            log.warning("Redis refused a command: %s", exc)
             raise Unavailable(str(exc)) from None
 
     def next_id(self):
@@ -492,7 +511,7 @@ class RedisBackplane:
     def _new_epoch_for(self, room):
         # A room never written to yet: fix its epoch now so clients can quote it later.
         key = _keys(room)["epoch"]
-        self._call(self.redis.set, key, secrets.token_hex(8), nx=True)
+        self._call(self.redis.set, key, secrets.token_hex(8), nx=True, ex=ROOM_TTL)
         return _text(self._call(self.redis.get, key))
 
     def post(self, room, sender, text, ts, ref=None):
@@ -500,7 +519,7 @@ class RedisBackplane:
         fresh, msg_id, fields = self._call(
             self._post, keys=[k["seq"], k["stream"], k["epoch"], k["refs"]],
             args=[k["channel"], secrets.token_hex(8), self.history_size, json.dumps(sender),
-                  text, repr(ts), ref or "", room, self.origin])
+                  text, repr(ts), ref or "", room, self.origin, ROOM_TTL])
         return _message(room, msg_id, fields), bool(fresh)
 
     def publish(self, room, event):
@@ -534,8 +553,10 @@ class RedisBackplane:
                 continue
             try:
                 self._announce_all()
+                for room in self._local_members()[0]:
+                    self._prune_room(room)  # members of dead processes leave, announced
                 self._send("PING")  # a dead pub/sub connection shows up as an error here
-            except (Unavailable,) + self._errors as exc:
+            except (Unavailable, redis.exceptions.RedisError) + self._errors as exc:
                 log.debug("presence refresh failed: %s", exc)
             except Exception:  # noqa: BLE001 - the one boundary of this greenlet
                 log.exception("presence refresh failed")

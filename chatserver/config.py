@@ -168,4 +168,8 @@ def load(argv=None, environ=None):
             values[name.lower()] = cast(raw)
         except ConfigError as exc:
             raise ConfigError("%s: %s" % (name, exc)) from None
+    if values["ping_timeout"] <= values["ping_interval"]:
+        # Otherwise every peer would be dropped before its first ping could be answered.
+        raise ConfigError("PING_TIMEOUT: must be longer than PING_INTERVAL (%g s), got %g s"
+                          % (values["ping_interval"], values["ping_timeout"]))
     return Settings(**values)

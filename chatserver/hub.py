@@ -53,7 +53,8 @@ class Hub:
         client.id = self.backplane.next_id()
         client.nick = default_nick(client.id)
         client.rooms = set()
-        client.pending = {}
+        client.pending = {LOBBY: []}  # everything for it waits until the welcome is sent
+        client.welcomed = False
         self.clients[client.id] = client
         try:
             self.backplane.online(_who(client))
@@ -64,10 +65,12 @@ class Hub:
         welcome = {"type": "welcome", "id": client.id, "nick": client.nick, "room": LOBBY}
         welcome.update(state)
         del welcome["recovered"]
-        self._answer(client, LOBBY, welcome)
+        self._answer(client, LOBBY, welcome, history_floor(state["history"], None))
+        client.welcomed = True
 
     def unregister(self, client):
-        """Take ``client`` out of every room and the registry; tell the others."""
+        """Take ``client`` out of every room and the registry; tell the others. Local state
+        goes first and for sure: the shared store may be unreachable meanwhile."""
         if self.clients.pop(getattr(client, "id", None), None) is None:
             return
         for name in list(client.rooms):
@@ -143,7 +146,8 @@ class Hub:
         answer = {"type": "joined", "room": name, **state}
         if ref is not None:
             answer["ref"] = ref
-        self._answer(client, name, answer)
+        last = history_floor(state["history"], since if state["recovered"] else None)
+        self._answer(client, name, answer, last)
 
     def leave(self, client, name):
         self._check_member(client, name)
@@ -235,7 +239,11 @@ class Hub:
                                         "text": event["text"], "ts": event["ts"]})
             else:
                 body = 'Client %d whispers "%s"' % (event["from"]["id"], event["text"])
-            target.send(frames.text_frame(body))
+            held = target.pending.get(LOBBY)
+            if held.__class__ is list and not target.welcomed:
+                held.append((None, frames.text_frame(body)))  # after the welcome
+            else:
+                target.send(frames.text_frame(body))
         elif kind == "plain":
             self._fanout(event["room"], None, event["text"], event["from"])
         elif kind in self._listeners:
@@ -267,9 +275,15 @@ class Hub:
                     plain_frame = frames.text_frame(plain)
                 frame = plain_frame
             if member.pending and room in member.pending:
-                member.pending[room].append((msg_id, frame))
-            else:
-                member.send(frame)
+                held = member.pending[room]
+                if held.__class__ is list:  # its join is being answered: hold the frame
+                    held.append((msg_id, frame))
+                    continue
+                if msg_id is not None:  # a floor: skip what its answer already held
+                    if msg_id <= held:
+                        continue
+                    del member.pending[room]  # later ids only from here on
+            member.send(frame)
 
     # -- inside --------------------------------------------------------------------------
 
@@ -284,7 +298,8 @@ class Hub:
         wait in ``client.pending`` until ``_answer`` has sent it.
         """
         new = name not in client.rooms
-        client.pending[name] = []
+        if client.pending.get(name).__class__ is not list:
+            client.pending[name] = []
         try:
             if new:
                 self.backplane.watch(name)
@@ -307,15 +322,20 @@ class Hub:
         return {"members": members, "member_count": count, "history": history,
                 "epoch": room_epoch, "recovered": recovered}
 
-    def _answer(self, client, name, answer):
+    def _answer(self, client, name, answer, last):
         """Send a welcome/joined answer, then what arrived for the room meanwhile that the
-        answer's history does not already hold."""
+        answer's history does not already hold (ids above ``last``).
+
+        ``last`` stays behind as the room's floor: with Redis, a message already in the
+        history may still be on its way through pub/sub, and must not be sent twice.
+        """
         if client.dialect == JSON:
             client.send(frames.text_frame(protocol.encode(answer)))
-        last = answer["history"][-1]["id"] if answer["history"] else 0
         for msg_id, frame in client.pending.pop(name, ()):
             if msg_id is None or msg_id > last:
                 client.send(frame)
+        if last and name in client.rooms:
+            client.pending[name] = last
 
     def _exit(self, client, name):
         members = self.local.get(name, {})
@@ -348,6 +368,13 @@ class Hub:
     def _publish_presence(self, name, event, client):
         self.backplane.publish(name, {"k": "presence", "room": name, "event": event,
                                       "member": _who(client)})
+
+
+def history_floor(history, since):
+    """The highest message id a welcome/joined answer covers."""
+    if history:
+        return history[-1]["id"]
+    return since or 0
 
 
 def _who(client):

@@ -23,13 +23,15 @@ FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach
 class Connection:
     """A client as the hub sees it, over one HardenedWebSocket."""
 
-    __slots__ = ("id", "nick", "rooms", "pending", "dialect", "ws", "bucket", "strikes")
+    __slots__ = ("id", "nick", "rooms", "pending", "welcomed", "dialect", "ws", "bucket",
+                 "strikes")
 
     def __init__(self, ws, dialect, settings):
         self.id = None
         self.nick = None
         self.rooms = set()
         self.pending = {}
+        self.welcomed = False
         self.dialect = dialect
         self.ws = ws
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
@@ -180,10 +182,13 @@ def keepalive(sockets, interval, timeout):
     while True:
         gevent.sleep(interval)
         now = time.monotonic()
-        for ws in sockets():
-            if now - ws.last_seen > timeout:
-                log.info("dropping the connection from %s: silent for %.0f s", ws.peer,
-                         now - ws.last_seen)
-                ws.abort()
-            else:
-                ws.send_frame_bytes(ping)
+        try:
+            for ws in sockets():
+                if now - ws.last_seen > timeout:
+                    log.info("dropping the connection from %s: silent for %.0f s", ws.peer,
+                             now - ws.last_seen)
+                    ws.abort()
+                else:
+                    ws.send_frame_bytes(ping)
+        except Exception:  # noqa: BLE001 - the one boundary of this greenlet: pings go on
+            log.exception("keepalive sweep failed")

@@ -143,7 +143,9 @@ def test_every_setting_has_a_flag():
 ])
 def test_numeric_bounds_are_inclusive(name, value):
     """The documented extreme values are accepted."""
-    s = config.load([], environ={name: value})
+    # PING_TIMEOUT must also exceed PING_INTERVAL; keep the pair consistent at the extremes.
+    pair = {"PING_TIMEOUT": {"PING_INTERVAL": "0.05"}, "PING_INTERVAL": {"PING_TIMEOUT": "0.1"}}
+    s = config.load([], environ={name: value, **pair.get(name, {})})
     assert getattr(s, name.lower()) == float(value)
 
 
@@ -313,3 +315,10 @@ def test_flag_for_each_setting(name):
     """Each setting's flag is --name-in-lower-case and feeds that setting."""
     args = vars(config.parser().parse_args([flag(name), "some value"]))
     assert args[name] == "some value"
+
+
+@pytest.mark.parametrize("interval, timeout", [("25", "25"), ("5", "2")])
+def test_ping_timeout_must_exceed_the_interval(interval, timeout):
+    """A PING_TIMEOUT not longer than PING_INTERVAL would drop every peer: start-up refuses it."""
+    with pytest.raises(ConfigError, match="^PING_TIMEOUT: must be longer than PING_INTERVAL"):
+        config.load([], environ={"PING_INTERVAL": interval, "PING_TIMEOUT": timeout})

@@ -2,6 +2,8 @@
 import json
 import re
 import signal
+import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -151,21 +153,95 @@ def test_resend_on_another_process_is_not_stored_twice(pair, clients):
 
 
 def test_dead_process_leaves_no_ghosts(pair, clients):
-    """Members of a process killed outright disappear after PRESENCE_TTL and their leaving is told."""
+    """Members of a process killed outright are dropped after PRESENCE_TTL, and the others are
+    told they left, even in a quiet room where nobody joins."""
     a, b = pair
     j1 = clients.json(a)
     ghost = clients.json(b)
     j1.wait("presence", event="join")
     b.signal(signal.SIGKILL)
     b.proc.wait(5)
+    j1.wait("presence", event="leave", member=ghost.welcome["members"][-1], timeout=8)
+    assert ghost.id not in {m["id"] for m in clients.json(a).welcome["members"]}
 
-    def ghost_gone():
-        j = clients.json(a)
-        ids = {m["id"] for m in j.welcome["members"]}
-        j.close()
-        return ghost.id not in ids
-    poll(ghost_gone, timeout=8, every=0.5)
-    j1.wait("presence", event="leave", member=ghost.welcome["members"][-1], timeout=5)
+
+def test_direct_never_arrives_before_welcome(pair, clients):
+    """A `direct` aimed at a connection that is still registering waits for its welcome."""
+    a, b = pair
+    sender = clients.json(a)
+    for _ in range(5):
+        target_id = sender.id + 1  # the id the next connection will get
+        stop = threading.Event()
+
+        def spam():
+            while not stop.is_set():
+                sender.send(type="direct", to=target_id, text="early")
+                time.sleep(0.001)
+        t = threading.Thread(target=spam)
+        t.start()
+        try:
+            target = clients.json(b)  # asserts that its first frame is the welcome
+        finally:
+            stop.set()
+            t.join(5)
+        assert target.id == target_id
+        sender = target  # the next round aims past it
+        sender.drain(0.2)
+
+
+def test_no_message_twice_after_joined(pair, clients):
+    """Messages in a join's history are not delivered again right after `joined`."""
+    a, b = pair
+    talker = clients.json(a)
+    talker.send(type="join", room="busy")
+    talker.wait("joined")
+    stop = threading.Event()
+
+    def talk():
+        n = 0
+        while not stop.is_set() and n < 5000:
+            talker.send(type="message", room="busy", text="m%d" % n)
+            n += 1
+            time.sleep(0.002)
+    t = threading.Thread(target=talk)
+    t.start()
+    try:
+        joiner = clients.json(b)
+        for _ in range(30):
+            joiner.send(type="join", room="busy")
+            joined = joiner.wait("joined", room="busy")
+            seen = [m["id"] for m in joined["history"]]
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                msg = joiner.recv()
+                if msg["type"] == "message":
+                    seen.append(msg["id"])
+            assert len(seen) == len(set(seen)), "a message arrived twice"
+            assert seen == sorted(seen)
+            joiner.send(type="leave", room="busy")
+            joiner.wait("left")
+    finally:
+        stop.set()
+        t.join(5)
+
+
+def test_redis_refusing_commands_is_unavailable_not_a_crash(pair, redis_server, clients):
+    """Redis reachable but refusing writes (out of memory): JSON messages get `unavailable`,
+    leaving clients are cleaned up here, nothing crashes."""
+    a, b = pair
+    j = clients.json(a)
+    other = clients.json(a)
+    j.wait("presence", event="join")
+    with socket.create_connection(("127.0.0.1", redis_server.port), 2) as s:
+        s.sendall(b"CONFIG SET maxmemory 1\r\n")
+        assert s.recv(64).startswith(b"+OK")
+    j.send(type="message", text="no room for this", ref="oom-0001")
+    err = j.wait("error")
+    assert err["code"] == "unavailable" and err["ref"] == "oom-0001"
+    other.close()
+    poll(lambda: health(a)["connections"] == 1)
+    j.send(type="ping", ref=1)
+    assert j.wait("pong")["ref"] == 1
 
 
 def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
