@@ -10,9 +10,9 @@ import unicodedata
 SUBPROTOCOL = "chat.v1"
 LOBBY = "lobby"
 NICK_MAX = 32
-REF_MAX = 64
+REF_MAX = 128  # room for a room name (64) and a prefix, as in "join:<room>"
 EPOCH_MAX = 64
-IDEMPOTENT_REF = range(8, REF_MAX + 1)  # string refs of these lengths are idempotency keys
+IDEMPOTENT_REF = range(8, 65)  # string refs of these lengths are idempotency keys
 
 _ROOM = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 # JSON may spell lone UTF-16 surrogates ("\ud800"), which no UTF-8 frame can carry.
@@ -20,6 +20,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # Control and format characters (and line separators) would let a nick fake other lines or
 # reorder text around it; they are refused.
 _BANNED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+_JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts need
 
 
 class ProtocolError(Exception):
@@ -82,7 +83,7 @@ def clean_nick(raw):
     nick = raw.strip()
     if not 1 <= len(nick) <= NICK_MAX:
         raise ValueError("nick must be 1 to %d characters after trimming" % NICK_MAX)
-    if any(unicodedata.category(ch) in _BANNED_CATEGORIES for ch in nick):
+    if any(unicodedata.category(ch) in _BANNED_CATEGORIES and ch not in _JOINERS for ch in nick):
         raise ValueError("nick must not contain control or formatting characters")
     return nick
 

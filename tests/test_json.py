@@ -274,3 +274,14 @@ def test_rate_limited_error_names_the_dropped_message(start_server, clients):
     assert a.wait("ack")["ref"] == "m-000001"
     err = a.wait("error")
     assert err["code"] == "rate_limited" and err["ref"] == "m-000002"
+
+
+def test_long_string_ref_is_not_an_idempotency_key(server, clients):
+    """A string ref over 64 characters is echoed but not used to drop a resend."""
+    a = clients.json(server)
+    ref = "join:" + "r" * 64
+    a.send(type="message", text="one", ref=ref)
+    a.send(type="message", text="two", ref=ref)
+    first, second = a.wait("ack"), a.wait("ack")
+    assert (first["ref"], second["ref"]) == (ref, ref)
+    assert second["id"] == first["id"] + 1

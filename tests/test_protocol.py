@@ -94,7 +94,8 @@ def test_typing():
     assert (req.type, req.fields) == ("typing", {"room": "dev"})
 
 
-@pytest.mark.parametrize("ref", ["p-1", 17, -3, "", "x" * 64, 2 ** 53 - 1])
+@pytest.mark.parametrize("ref", ["p-1", 17, -3, "", "x" * 64, "join:" + "r" * 64, "x" * 128,
+                                 2 ** 53 - 1])
 def test_ping_with_ref(ref):
     """ping accepts a string (up to 64 chars) or integer ref and keeps it."""
     req = dec({"type": "ping", "ref": ref})
@@ -212,7 +213,7 @@ def test_bad_epoch(epoch):
     assert refused({"type": "join", "room": "dev", "epoch": epoch}).code == "bad_request"
 
 
-@pytest.mark.parametrize("ref", ["x" * 65, {"id": 1}, [1], True, 1.5, 2 ** 53])
+@pytest.mark.parametrize("ref", ["x" * 129, {"id": 1}, [1], True, 1.5, 2 ** 53])
 def test_bad_ref(ref):
     """ref must be a string of at most 64 characters or a (safe) integer."""
     assert refused({"type": "ping", "ref": ref}).code == "bad_request"
@@ -343,3 +344,9 @@ def test_decode_arbitrary_json_objects(kind, obj):
             assert protocol.valid_room(req["room"])
         if "text" in req.fields:
             assert isinstance(req["text"], str) and req["text"].strip()
+
+
+@pytest.mark.parametrize("nick", ["👩\u200d💻", "🏳️\u200d🌈", "می\u200cخواهم"])
+def test_nicks_may_use_joiners(nick):
+    """Emoji sequences and scripts that need zero-width joiners make valid nicks."""
+    assert protocol.decode(json.dumps({"type": "nick", "nick": nick}))["nick"] == nick
