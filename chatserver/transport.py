@@ -12,6 +12,7 @@ import binascii
 import codecs
 import dataclasses
 import hashlib
+import http.client
 import logging
 import socket
 import struct
@@ -28,10 +29,12 @@ from .frames import FrameError
 log = logging.getLogger(__name__)
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-READ_CHUNK = 64 * 1024  # a multiple of 4, so each chunk unmasks with the same key
+READ_CHUNK = 64 * 1024  # the most one read of a payload takes
 WRITE_BATCH = 256 * 1024  # queued frames joined into one write, up to this many bytes
+CORK_FRAMES = 64  # frames held for one socket in one turn of the loop before they are written
 CLOSE_WAIT = 2.0  # seconds to wait for the peer's close frame after ours
 SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before the socket goes
+TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
 
 
@@ -62,17 +65,26 @@ class HardenedWebSocket(WebSocket):
         super().__init__(environ, Stream(handler), handler)
         self.sock = handler.socket
         self.read = handler.rfile.read
+        self.read1 = handler.rfile.read1
         self.subprotocol = subprotocol
         self.peer = "%s:%s" % handler.client_address[:2] if isinstance(
             handler.client_address, tuple) else str(handler.client_address)
         self.max_size = policy.max_message_size
         self.outbox_limit = policy.outbox_size
-        self.last_seen = time.monotonic()
+        self.last_seen = self._turn = time.monotonic()
         self.close_code = None  # what we sent, or what the peer sent first
         self.close_reason = ""
         self.dead = False
-        self._outbox = deque()
+        self._outbox = None  # a deque of what the socket refused, while a writer drains it
         self._writer = None
+        self._cork = None  # frames given in this turn of the event loop, not yet written
+        self._sock_send = self.sock._sock.send  # the raw non-blocking socket: no gevent layer
+        try:
+            # Frames are written whole (and coalesced per turn of the loop), so Nagle's
+            # algorithm only adds delay: with the peer's delayed ACK, up to 40 ms a message.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not TCP (a Unix socket in a test, say)
 
     def __del__(self):
         # The library's __del__ sends a close frame from the garbage collector; ours does not.
@@ -88,13 +100,26 @@ class HardenedWebSocket(WebSocket):
             log.info("closing connection: %s (%d)", exc.reason, exc.code)
             self.close(exc.code, exc.reason)
             self._linger()
-        except (_EOF, OSError):
+        except _EOF:
+            # The peer closed its side; ours may still carry what we owe it (corked replies).
+            if self._cork is not None:
+                self._uncork()
+            self.abort()
+        except OSError:
             self.abort()
         return None
 
     def _read_exact(self, n):
         data = self.read(n)
         if len(data) != n:
+            raise _EOF()
+        return data
+
+    def _read_some(self, n):
+        """Between 1 and ``n`` bytes, as soon as any have arrived: a payload is checked as
+        its bytes come (RFC 6455 8.1: fail fast on invalid UTF-8), not once it is all in."""
+        data = self.read1(n)
+        if not data:
             raise _EOF()
         return data
 
@@ -123,8 +148,14 @@ class HardenedWebSocket(WebSocket):
                 raise FrameError(frames.TOO_BIG, "message exceeds %d bytes" % self.max_size)
             remaining, offset = length, 0
             while remaining:
-                chunk = frames.unmask(self._read_exact(min(remaining, READ_CHUNK)), mask)
-                remaining -= len(chunk)
+                # Text is read as it arrives, to fail fast on invalid UTF-8; binary in
+                # whole chunks, which costs fewer calls.
+                read = self._read_some if decoder is not None else self._read_exact
+                data = read(min(remaining, READ_CHUNK))
+                turn = offset % 4  # where this piece starts in the mask's cycle
+                chunk = frames.unmask(data, mask[turn:] + mask[:turn] if turn else mask)
+                offset += len(data)
+                remaining -= len(data)
                 if decoder is not None:
                     try:
                         chunk = decoder.decode(chunk, final=fin and not remaining)
@@ -145,7 +176,13 @@ class HardenedWebSocket(WebSocket):
 
     def _read_header(self):
         fin, _rsv, op, masked, length = frames.parse_head(self._read_exact(2))
-        self.last_seen = time.monotonic()
+        now = self.last_seen = time.monotonic()
+        if now - self._turn > TURN:
+            # A peer that sends faster than we read never makes our reads block, and a
+            # greenlet that never blocks never lets the others (or any timer) run: give the
+            # loop a whole turn, I/O included (sleep(0) would only run its callbacks).
+            gevent.idle()
+            self._turn = time.monotonic()
         if length == 126:
             length = struct.unpack("!H", self._read_exact(2))[0]
         elif length == 127:
@@ -183,24 +220,34 @@ class HardenedWebSocket(WebSocket):
     # -- writing -------------------------------------------------------------------------
 
     def send_frame_bytes(self, data):
-        """Queue a complete frame without blocking; False when it was dropped."""
-        if self.dead or self.close_code is not None:
+        """Queue a complete frame without blocking; False when it was dropped.
+
+        The frame is held (corked) until the current greenlet yields to the event loop, then
+        everything this socket was given in that turn goes out in one non-blocking write: a
+        broadcast costs one system call per recipient however many messages it carried.
+        What the socket does not take goes to the outbox, drained by a writer greenlet that
+        exists only while the peer is behind.
+        """
+        if self.close_code is not None or self.dead:
             return False
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+            if len(cork) >= CORK_FRAMES:
+                self._uncork()
+            return True
         return self._push(data)
 
     def _push(self, data):
         if self._writer is None:
-            try:
-                sent = self.sock.send(data, 0, timeout=0.0)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort()
-                return False
-            if sent == len(data):
+            cork = self._cork
+            if cork is not None:
+                cork.append(data)
                 return True
-            self._outbox.append(memoryview(data)[sent:])
-            self._writer = gevent.spawn(self._drain)
+            self._cork = [data]
+            _corked.append(self)
+            if len(_corked) == 1:
+                gevent.get_hub().loop.run_callback(_uncork_all)
             return True
         if len(self._outbox) >= self.outbox_limit:
             self._slow_consumer()
@@ -208,40 +255,82 @@ class HardenedWebSocket(WebSocket):
         self._outbox.append(data)
         return True
 
-    def _drain(self):
+    def _uncork(self):
+        """Write the corked frames in one non-blocking send; queue what the socket refused
+        and start the writer for it. The only writes outside the writer greenlet."""
+        cork, self._cork = self._cork, None
+        if not cork or self.dead:
+            return
+        data = cork[0] if len(cork) == 1 else b"".join(cork)
         try:
-            while self._outbox:
+            sent = self._sock_send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent == len(data):
+            return
+        # The peer is behind: queue the frames it did not take, the first perhaps in part,
+        # so that the outbox counts frames as if each had been written on its own.
+        outbox = self._outbox = deque()
+        for frame in cork:
+            if sent >= len(frame):
+                sent -= len(frame)
+                continue
+            if len(outbox) >= self.outbox_limit:
+                self._writer = gevent.spawn(self._drain)  # it writes the close frame
+                self._slow_consumer()
+                return
+            outbox.append(memoryview(frame)[sent:] if sent else frame)
+            sent = 0
+        self._writer = gevent.spawn(self._drain)
+
+    def _drain(self):
+        outbox = self._outbox
+        try:
+            while outbox:
                 batch, size = [], 0
-                while self._outbox and size < WRITE_BATCH:
-                    item = self._outbox.popleft()
+                while outbox and size < WRITE_BATCH:
+                    item = outbox.popleft()
                     batch.append(item)
                     size += len(item)
                 self.sock.sendall(b"".join(batch) if len(batch) > 1 else batch[0])
         except OSError:
             self.abort()
         finally:
-            self._writer = None
+            # Caught up (or dead): back to direct writes, and no outbox kept while idle.
+            self._writer = self._outbox = None
 
     def _slow_consumer(self):
         log.warning("closing a slow consumer: %d frames queued (OUTBOX_SIZE)", len(self._outbox))
-        self._outbox.clear()
-        self.close(frames.POLICY, "slow consumer: too many frames queued")
-        gevent.spawn_later(SLOW_CLOSE_WAIT, self.abort)
+        outbox = self._outbox
+        # A frame the socket took in part must be finished before the close frame.
+        head = outbox[0] if outbox and isinstance(outbox[0], memoryview) else None
+        outbox.clear()
+        if head is not None:
+            outbox.append(head)
+        self.close(frames.POLICY, "slow consumer: too many frames queued", wait=SLOW_CLOSE_WAIT)
 
     def flush(self, timeout):
         """Wait up to ``timeout`` seconds for queued frames to be written."""
+        if self._cork is not None:
+            self._uncork()
         writer = self._writer
         if writer is not None:
             writer.join(timeout)
 
     # -- closing -------------------------------------------------------------------------
 
-    def close(self, code=frames.NORMAL, message=""):
+    def close(self, code=frames.NORMAL, message="", wait=CLOSE_WAIT):
         """Send a close frame with ``code`` and a reason, once; the peer's answer ends
-        ``receive``."""
+        ``receive``, and a peer that has not answered within ``wait`` seconds is dropped."""
         if self.close_code is None and not self.dead:
             self.close_code, self.close_reason = code, message or ""
             self._send_close(code, self.close_reason)
+            # A peer that ignores our close frame (and, say, goes on flooding) must not keep
+            # the connection: RFC 6455 7.1.1 lets the server drop it.
+            gevent.spawn_later(wait, self.abort)
         self.closed = True
 
     def _send_close(self, code, reason):
@@ -253,8 +342,17 @@ class HardenedWebSocket(WebSocket):
         """Drop the connection now: no more writes, and the reader sees EOF."""
         if self.dead:
             return
+        cork, self._cork = self._cork, None
+        if cork:
+            # Frames given before the end still get the one non-blocking write they would
+            # have had uncorked: a peer that only half-closed reads them before our FIN.
+            try:
+                self._sock_send(cork[0] if len(cork) == 1 else b"".join(cork))
+            except OSError:
+                pass
         self.dead = self.closed = True
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -268,6 +366,21 @@ class HardenedWebSocket(WebSocket):
             self.send_frame_bytes(frames.frame(frames.OP_BINARY, bytes(message)))
         else:
             self.send_frame_bytes(frames.text_frame(message))
+
+
+_corked = []  # sockets holding corked frames, written when the loop next runs callbacks
+
+
+def _uncork_all():
+    """Run by the event loop once the greenlets of this turn have yielded."""
+    global _corked
+    pending, _corked = _corked, []
+    for ws in pending:
+        try:
+            ws._uncork()
+        except Exception:  # noqa: BLE001 - one socket's failure must not strand the others
+            log.exception("writing to a connection failed")
+            ws.abort()
 
 
 def _tokens(header):
@@ -290,11 +403,30 @@ class ChatHandler(WebSocketHandler):
         self.socket.settimeout(HTTP_TIMEOUT)
         super().handle()
 
+    def handle_one_request(self):
+        # The socket's timeout restarts with every byte, so a client that trickles its
+        # request a byte at a time would never meet it: the request line and headers get
+        # HTTP_TIMEOUT seconds in all. get_environ() lifts the deadline once they are in.
+        self._deadline = gevent.Timeout(HTTP_TIMEOUT, socket.timeout("HTTP request too slow"))
+        self._deadline.start()
+        try:
+            return super().handle_one_request()
+        finally:
+            self._deadline.close()
+
+    def get_environ(self):
+        self._deadline.close()
+        return super().get_environ()
+
     def _handle_client_error(self, ex):
         if isinstance(ex, OSError):  # timed out or reset while sending headers: just close
             log.info("dropped an incomplete HTTP request from %s: %s", self.client_address,
                      type(ex).__name__)
             return None
+        if isinstance(ex, http.client.HTTPException):
+            # More than 100 header lines: the client's fault, not ours. gevent prints a
+            # traceback for anything that is not a ValueError, so hand it one.
+            ex = ValueError(str(ex))
         return super()._handle_client_error(ex)
 
     def upgrade_websocket(self):
@@ -307,6 +439,8 @@ class ChatHandler(WebSocketHandler):
             return self._refuse("400 Bad Request", "Connection header must include Upgrade.")
         if self.request_version != "HTTP/1.1":
             return self._refuse("400 Bad Request", "WebSocket needs HTTP/1.1.")
+        if not env.get("HTTP_HOST", "").strip():
+            return self._refuse("400 Bad Request", "A Host header is required.")
         if env.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
             return self._refuse("426 Upgrade Required", "Only WebSocket version 13 is supported.",
                                 [("Sec-WebSocket-Version", "13")])
