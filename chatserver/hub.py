@@ -179,6 +179,8 @@ class Hub:
 
     def rename(self, client, nick):
         """Change ``client``'s nick (already validated); returns the answer for it."""
+        if nick == client.nick:
+            return {"type": "nick", "id": client.id, "nick": nick}  # nothing to announce
         client.nick = nick
         try:
             self.backplane.rename(client.rooms, _who(client))

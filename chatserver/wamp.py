@@ -33,6 +33,10 @@ CALL, RESULT, REGISTER, REGISTERED, UNREGISTER, UNREGISTERED, INVOCATION, YIELD 
 
 _REQUESTS = (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CALL, REGISTER, UNREGISTER)
 ROOM_TOPIC = "chat.room."
+# What one session may hold at once: its subscriptions, its registrations, its calls that
+# are still waiting for a result. Beyond that: ERROR chat.error.limit_exceeded.
+MAX_PER_SESSION = 1000
+LIMIT = "chat.error.limit_exceeded"
 MAX_ID = 2 ** 53
 # Loose URIs, as the specification's "relaxed" rule: dot-separated components without
 # whitespace, '#' or empty parts.
@@ -78,6 +82,7 @@ class Session:
         self.chat = None  # {id, nick} in the bridged realm
         self.subscriptions = set()  # subscription ids
         self.registrations = set()  # registration ids
+        self.calls = 0  # calls made and not yet answered
         self.next_request = 0
 
     def send(self, msg):
@@ -196,6 +201,7 @@ class Router:
             callee_id, _inv = key
             if callee_id == session.id:
                 del r.calls[key]
+                caller.calls -= 1
                 caller.send([ERROR, CALL, request, {}, "wamp.error.canceled",
                              ["callee disconnected from in-flight request"]])
             elif caller is session:
@@ -218,16 +224,22 @@ class Router:
         if not valid_uri(topic):
             return self._error(session, SUBSCRIBE, request, "wamp.error.invalid_uri")
         sub_id = r.topics.get(topic)
-        if sub_id is None:
-            sub_id = r.topics[topic] = new_id()
-            r.subscribers[sub_id] = set()
-            r.topic_of[sub_id] = topic
+        if sub_id is not None and sub_id in session.subscriptions:
+            session.send([SUBSCRIBED, request, sub_id])
+            return True
+        if len(session.subscriptions) >= MAX_PER_SESSION:
+            return self._error(session, SUBSCRIBE, request, LIMIT,
+                               ["at most %d subscriptions per session" % MAX_PER_SESSION])
         room = self._bridged_room(r, topic)
-        if room is not None and session not in r.subscribers[sub_id]:
+        if room is not None:
             try:
                 self.hub.follow(room)
             except Unavailable:
                 return self._error(session, SUBSCRIBE, request, "wamp.error.unavailable")
+        if sub_id is None:
+            sub_id = r.topics[topic] = new_id()
+            r.subscribers[sub_id] = set()
+            r.topic_of[sub_id] = topic
         r.subscribers[sub_id].add(session)
         session.subscriptions.add(sub_id)
         session.send([SUBSCRIBED, request, sub_id])
@@ -336,6 +348,9 @@ class Router:
             return self._error(session, REGISTER, request, "wamp.error.invalid_uri")
         if procedure in r.procedures:
             return self._error(session, REGISTER, request, "wamp.error.procedure_already_exists")
+        if len(session.registrations) >= MAX_PER_SESSION:
+            return self._error(session, REGISTER, request, LIMIT,
+                               ["at most %d registrations per session" % MAX_PER_SESSION])
         reg_id = new_id()
         r.procedures[procedure] = reg_id
         r.callees[reg_id] = (procedure, session)
@@ -368,9 +383,13 @@ class Router:
         if reg_id is None:
             return self._error(session, CALL, request, "wamp.error.no_such_procedure",
                                ["no callee registered procedure '%s'" % procedure])
+        if session.calls >= MAX_PER_SESSION:
+            return self._error(session, CALL, request, LIMIT,
+                               ["at most %d calls waiting per session" % MAX_PER_SESSION])
         _, callee = r.callees[reg_id]
         invocation = callee.request_id()
         r.calls[(callee.id, invocation)] = (session, request)
+        session.calls += 1
         callee.send([INVOCATION, invocation, reg_id, {}] + _payload(args, kwargs))
         return True
 
@@ -381,6 +400,7 @@ class Router:
         pending = session.realm.calls.pop((session.id, invocation), None)
         if pending is not None:  # the caller may have left meanwhile
             caller, request = pending
+            caller.calls -= 1
             caller.send([RESULT, request, {}] + _payload(args, kwargs))
         return True
 
@@ -392,6 +412,7 @@ class Router:
         pending = session.realm.calls.pop((session.id, invocation), None)
         if pending is not None:
             caller, request = pending
+            caller.calls -= 1
             caller.send([ERROR, CALL, request, {}, uri] + _payload(args, kwargs))
         return True
 

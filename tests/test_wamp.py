@@ -326,3 +326,21 @@ def test_silent_wamp_peer_is_dropped(start_server):
             break
         data += chunk
     assert b"\x89\x00" in data  # it was pinged first
+
+
+def test_per_session_limits(start_server):
+    """A session may hold only so many subscriptions: beyond that, ERROR chat.error.limit_exceeded."""
+    from chatserver import wamp
+    server = start_server(env={"RATE_LIMIT": "0"})
+    w = RawWamp(server.port)
+    w.hello()
+    limit = wamp.MAX_PER_SESSION
+    for n in range(limit):
+        w.send([32, n + 1, {}, "com.example.t%d" % n])
+    replies = [w.recv() for _ in range(limit)]
+    assert all(r[0] == 33 for r in replies)
+    w.send([32, limit + 1, {}, "com.example.one.more"])
+    err = w.recv()
+    assert err[:5] == [8, 32, limit + 1, {}, "chat.error.limit_exceeded"]
+    w.send([32, limit + 2, {}, "com.example.t0"])  # already held: same id, no new slot
+    assert w.recv() == [33, limit + 2, replies[0][2]]
