@@ -110,6 +110,32 @@ class JsonClient(PlainClient):
                 return msg
 
 
+def mask_bytes(payload, key):
+    """``payload`` XOR the 4-byte ``key``, at C speed."""
+    n = len(payload)
+    if not n:
+        return b""
+    k = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
+
+
+def frame_bytes(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
+    """A client frame; ``length`` announces another payload length than the one sent."""
+    n = len(payload) if length is None else length
+    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, mbit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, mbit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, mbit | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + mask_bytes(payload, key)
+
+
 class RawClient:
     """A client on a bare socket: any handshake, any frame, masked or not."""
 
@@ -161,20 +187,7 @@ class RawClient:
         return headers
 
     def send_frame(self, opcode, payload=b"", fin=True, mask=True, rsv=0, length=None):
-        n = len(payload) if length is None else length
-        b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-        mbit = 0x80 if mask else 0
-        if n < 126:
-            head = struct.pack("!BB", b0, mbit | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", b0, mbit | 126, n)
-        else:
-            head = struct.pack("!BBQ", b0, mbit | 127, n)
-        if mask:
-            key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            head += key
-        self.sock.sendall(head + payload)
+        self.sock.sendall(frame_bytes(opcode, payload, fin=fin, rsv=rsv, mask=mask, length=length))
 
     def send_text(self, text, **kw):
         self.send_frame(0x1, text.encode("utf-8"), **kw)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chatserver.protocol import NICK_MAX, REF_MAX
 from chatserver.transport import CLOSE_WAIT, HTTP_TIMEOUT, SLOW_CLOSE_WAIT
-from tests.clients import ConnectionClosed, RawClient
+from tests.clients import ConnectionClosed, RawClient, frame_bytes, mask_bytes
 from tests.conftest import Server
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -69,32 +69,6 @@ def tracebacks(server, since=0):
 
 def assert_no_traceback(server, since=0):
     assert not tracebacks(server, since), "server logged a traceback:\n" + "\n".join(server.lines[since:])
-
-
-def mask_bytes(payload, key):
-    """``payload`` XOR the 4-byte ``key``, at C speed."""
-    n = len(payload)
-    if not n:
-        return b""
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
-
-
-def frame_bytes(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
-    """A client frame; ``length`` announces another payload length than the one sent."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack("!BB", b0, mbit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", b0, mbit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, mbit | 127, n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + mask_bytes(payload, key)
 
 
 def close_frame(code=1000):
