@@ -24,7 +24,7 @@ class Connection:
     """A client as the hub sees it, over one HardenedWebSocket."""
 
     __slots__ = ("id", "nick", "rooms", "pending", "welcomed", "dialect", "ws", "bucket",
-                 "strikes")
+                 "strikes", "send")
 
     def __init__(self, ws, dialect, settings):
         self.id = None
@@ -36,9 +36,8 @@ class Connection:
         self.ws = ws
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
         self.strikes = 0
-
-    def send(self, frame):
-        self.ws.send_frame_bytes(frame)
+        # The hub's fan-out calls send once per recipient: the socket's own method, unwrapped.
+        self.send = ws.send_frame_bytes
 
     def send_json(self, obj):
         self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))

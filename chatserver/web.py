@@ -78,14 +78,11 @@ def create_app(hub, settings, health=None, router=None):
 
     @app.get("/ws")
     def ws():
-        websocket = bottle.request.environ.get("wsgi.websocket")
-        if websocket is None:
-            bottle.response.status = 400
-            bottle.response.content_type = "text/plain; charset=utf-8"
-            return ("This is the chat's WebSocket endpoint: connect with a WebSocket client "
-                    "(Upgrade: websocket), for example: wscat -c ws://HOST/ws\n")
-        session.serve(websocket, hub, settings, router)
-        return ""
+        # Upgraded requests never get here (see wsgi below): this is a plain GET.
+        bottle.response.status = 400
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return ("This is the chat's WebSocket endpoint: connect with a WebSocket client "
+                "(Upgrade: websocket), for example: wscat -c ws://HOST/ws\n")
 
     if settings.echo_endpoint:
         @app.get("/echo")
@@ -97,4 +94,13 @@ def create_app(hub, settings, health=None, router=None):
             session.echo(websocket)
             return ""
 
-    return app
+    def wsgi(environ, start_response):
+        # A chat session lasts as long as its connection. Run outside Bottle, it does not keep
+        # Bottle's per-request state and frames alive on every idle connection (4 KiB each).
+        websocket = environ.get("wsgi.websocket")
+        if websocket is not None and environ.get("PATH_INFO") == "/ws":
+            session.serve(websocket, hub, settings, router)
+            return []
+        return app(environ, start_response)
+
+    return wsgi
