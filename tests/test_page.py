@@ -9,8 +9,8 @@ import re
 import time
 
 import pytest
+from playwright import sync_api as playwright_api
 
-playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -24,8 +24,9 @@ expect.set_options(timeout=5_000)
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("no Chromium at %s (Debian: apt-get install chromium)" % CHROMIUM)
+    # A missing browser fails the run (tests/run installs it): a skipped page test would pass
+    # a CI that never looked at the page.
+    assert os.path.exists(CHROMIUM), "no Chromium at %s (Debian: apt-get install chromium)" % CHROMIUM
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
