@@ -39,16 +39,15 @@ def main(argv=None):
     router = wamp.Router(hub, settings.wamp_realm)
     hub.start()
     app = web.create_app(hub, settings, health=shared.health, router=router)
-    sockets = {}  # gevent-websocket's registry of open WebSockets, every dialect: address -> Client
+    sockets = set()  # every open WebSocket, whatever its dialect
     policy = transport.Policy(
         paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
         subprotocols=("chat.v1", wamp.SUBPROTOCOL),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
         outbox_size=settings.outbox_size, is_full=lambda: len(sockets) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,
-                        handler_class=transport.ChatHandler.configured(policy),
+                        handler_class=transport.ChatHandler.configured(policy, sockets),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
-    server.clients = sockets
     try:
         server.start()
     except OSError as exc:
@@ -56,7 +55,7 @@ def main(argv=None):
               % (settings.host, settings.port, exc.strerror or exc), file=sys.stderr)
         return 2
     log.info("Listening on http://%s:%d/", settings.host, server.server_port)
-    open_sockets = lambda: [c.ws for c in list(sockets.values()) if c.ws is not None]  # noqa: E731
+    open_sockets = lambda: list(sockets)  # noqa: E731 - a snapshot: they come and go meanwhile
     keepalive = gevent.spawn(session.keepalive, open_sockets, settings.ping_interval,
                              settings.ping_timeout)
 

@@ -1,7 +1,7 @@
-"""One connection's life: register, read and answer messages, clean up.
+"""One connection's session: register, answer its messages, clean up.
 
-The only module that drives a WebSocket object. Each connection is read by its own
-greenlet (the one gevent's server gave the request); writes go through the socket's
+The transport (``HardenedWebSocket.run``) reads each connection's messages and hands them to
+its session's ``received``, then calls ``ended`` once. Writes go through the socket's
 non-blocking ``send_frame_bytes``, so nothing here waits on another client.
 """
 import logging
@@ -17,16 +17,14 @@ from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
-FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach the peer
-
 
 class Connection:
-    """A client as the hub sees it, over one HardenedWebSocket."""
+    """A chat client (plain text or ``chat.v1``) as the hub sees it, over one WebSocket."""
 
     __slots__ = ("id", "nick", "rooms", "pending", "welcomed", "dialect", "ws", "bucket",
-                 "strikes", "send")
+                 "strikes", "send", "hub")
 
-    def __init__(self, ws, dialect, settings):
+    def __init__(self, ws, dialect, settings, hub):
         self.id = None
         self.nick = None
         self.rooms = set()
@@ -34,6 +32,7 @@ class Connection:
         self.welcomed = False
         self.dialect = dialect
         self.ws = ws
+        self.hub = hub
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
         self.strikes = 0
         # The hub's fan-out calls send once per recipient: the socket's own method, unwrapped.
@@ -42,87 +41,98 @@ class Connection:
     def send_json(self, obj):
         self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))
 
+    def received(self, message):
+        json = self.dialect == JSON
+        if _over_rate(self):
+            if json:
+                self.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
+                                              "per second" % self.bucket.rate,
+                                              protocol.peek_ref(message)))
+            return
+        if isinstance(message, bytes):
+            if json:
+                self.send_json(protocol.error("bad_request", "binary frames are not "
+                                              "supported; send JSON text"))
+            else:
+                self.ws.close(frames.UNSUPPORTED_DATA, "binary frames are not supported")
+            return
+        if json:
+            _handle_json(self, self.hub, message)
+        elif message:
+            self.hub.say(self, protocol.LOBBY, message)
+
+    def ended(self):
+        if self.id is None:
+            return  # refused before it was registered
+        self.hub.unregister(self)
+        log.info("Connection %s closed (%s)", self.id, self.ws.close_code or "dropped")
+
+
+class WampConnection:
+    """One WAMP session (``wamp.2.json``) over one WebSocket."""
+
+    __slots__ = ("ws", "router", "session", "bucket", "strikes")
+
+    def __init__(self, ws, router, settings):
+        self.ws = ws
+        self.router = router
+        self.session = wamp.Session(ws.send_frame_bytes, ws.close)
+        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
+        self.strikes = 0
+
+    @property
+    def id(self):
+        return self.session.id
+
+    def received(self, message):
+        if isinstance(message, bytes):
+            self.router.handle(self.session, "binary")  # not JSON: ABORT protocol_violation
+            self.ws.close()
+        elif _over_rate(self):
+            self.router.refuse(self.session, message, "chat.error.rate_limited",
+                               "at most %g messages per second" % self.bucket.rate)
+        elif not self.router.handle(self.session, message):
+            self.ws.close()  # after an ABORT or GOODBYE: the session is over
+
+    def ended(self):
+        self.router.leave(self.session)
+
+
+class Echo:
+    """Every message sent back as it came (text as text, binary as binary), through the same
+    handshake, limits and frame code as /ws: for conformance suites, off by default."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def received(self, message):
+        self.ws.send(message)
+
+    def ended(self):
+        pass
+
 
 def serve(ws, hub, settings, router=None):
-    """Run one WebSocket connection until it ends; never raises."""
+    """Start the session of a new WebSocket on /ws: WAMP, chat.v1 JSON or plain text."""
     if ws.subprotocol == wamp.SUBPROTOCOL:
-        return serve_wamp(ws, router, settings)
-    dialect = JSON if ws.subprotocol == protocol.SUBPROTOCOL else PLAIN
-    conn = Connection(ws, dialect, settings)
+        ws.run(WampConnection(ws, router, settings))
+        return
+    conn = Connection(ws, JSON if ws.subprotocol == protocol.SUBPROTOCOL else PLAIN, settings, hub)
     try:
-        try:
-            hub.register(conn)
-        except Unavailable as exc:
-            log.warning("refused a connection: the shared store is unreachable (%s)", exc)
-            ws.close(frames.TRY_AGAIN_LATER, "the shared store is unreachable; try again later")
-            return
+        hub.register(conn)
+    except Unavailable as exc:
+        log.warning("refused a connection: the shared store is unreachable (%s)", exc)
+        ws.close(frames.TRY_AGAIN_LATER, "the shared store is unreachable; try again later")
+    else:
         log.info("New connection! (%d)", conn.id)
-        handle = _handle_json if dialect == JSON else _handle_plain
-        while True:
-            message = ws.receive()
-            if message is None:
-                break
-            if _over_rate(conn):
-                if dialect == JSON:
-                    conn.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
-                                                  "per second" % settings.rate_limit,
-                                                  protocol.peek_ref(message)))
-                continue
-            if isinstance(message, bytes):
-                if dialect == JSON:
-                    conn.send_json(protocol.error("bad_request", "binary frames are not "
-                                                  "supported; send JSON text"))
-                    continue
-                ws.close(frames.UNSUPPORTED_DATA, "binary frames are not supported")
-                continue
-            handle(conn, hub, message)
-    except Exception:  # noqa: BLE001 - the one boundary of this greenlet
-        log.exception("connection %s failed", conn.id)
-        ws.close(frames.SERVER_ERROR, "server error")
-    finally:
-        hub.unregister(conn)
-        ws.close()
-        ws.flush(FLUSH_ON_EXIT)
-        log.info("Connection %s closed (%s)", conn.id, ws.close_code or "dropped")
-
-
-def serve_wamp(ws, router, settings):
-    """Run one WAMP session (``wamp.2.json``) until it ends; never raises."""
-    conn = Connection(ws, "wamp", settings)
-    session = wamp.Session(ws.send_frame_bytes, ws.close)
-    try:
-        while True:
-            message = ws.receive()
-            if message is None:
-                break
-            if isinstance(message, bytes):
-                router.handle(session, "binary")  # not JSON: ABORT protocol_violation
-                break
-            if _over_rate(conn):
-                router.refuse(session, message, "chat.error.rate_limited",
-                              "at most %g messages per second" % settings.rate_limit)
-                continue
-            if not router.handle(session, message):
-                break
-    except Exception:  # noqa: BLE001 - the one boundary of this greenlet
-        log.exception("WAMP session %s failed", session.id)
-        ws.close(frames.SERVER_ERROR, "server error")
-    finally:
-        router.leave(session)
-        ws.close()
-        ws.flush(FLUSH_ON_EXIT)
+    ws.run(conn)
 
 
 def echo(ws):
-    """Send every message back as it came (text as text, binary as binary), through the same
-    handshake, limits and frame code as /ws; for conformance suites, off by default."""
-    while True:
-        message = ws.receive()
-        if message is None:
-            break
-        ws.send(message)
-    ws.close()
-    ws.flush(FLUSH_ON_EXIT)
+    """Start an echo session (see ``Echo``)."""
+    ws.run(Echo(ws))
 
 
 def _over_rate(conn):
@@ -136,11 +146,6 @@ def _over_rate(conn):
         log.warning("closing connection %s: flooding", conn.id)
         conn.ws.close(frames.POLICY, "flooding: too many messages")
     return True
-
-
-def _handle_plain(conn, hub, text):
-    if text:
-        hub.say(conn, protocol.LOBBY, text)
 
 
 def _handle_json(conn, hub, text):

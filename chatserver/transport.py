@@ -20,8 +20,10 @@ import time
 from collections import deque
 
 import gevent
+import gevent.socket
+import greenlet
 from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import Stream, WebSocket
+from geventwebsocket.websocket import WebSocket
 
 from . import frames
 from .frames import FrameError
@@ -32,6 +34,7 @@ GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 READ_CHUNK = 64 * 1024  # the most one read of a payload takes
 WRITE_BATCH = 256 * 1024  # queued frames joined into one write, up to this many bytes
 CORK_FRAMES = 64  # frames held for one socket in one turn of the loop before they are written
+FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach the peer
 CLOSE_WAIT = 2.0  # seconds to wait for the peer's close frame after ours
 SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before the socket goes
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
@@ -54,41 +57,114 @@ class Policy:
 
 
 class HardenedWebSocket(WebSocket):
-    """One WebSocket connection: read messages in the owner's greenlet, write from anywhere.
+    """One WebSocket connection, once its handshake is done: it outlives the HTTP request.
 
-    ``receive`` returns str, bytes, or None once the connection is over. ``send_frame_bytes``
-    never blocks: it writes what the socket takes now and queues the rest for a writer
-    greenlet that exists only while the peer is behind.
+    ``run(session)`` hands it the object that takes its messages (``received(message)``, a
+    str for text or bytes for binary) and hears of its end (``ended()``). No greenlet waits
+    on an idle connection: a reader is spawned when bytes arrive, reads the messages they
+    carry, and exits once the socket has nothing more, so an idle connection costs its
+    objects and one event-loop watcher, not a greenlet's stack.
+
+    ``send_frame_bytes`` never blocks: it writes what the socket takes now and queues the rest
+    for a writer greenlet that exists only while the peer is behind.
     """
 
-    def __init__(self, environ, handler, policy, subprotocol):
-        super().__init__(environ, Stream(handler), handler)
-        self.sock = handler.socket
-        self.read = handler.rfile.read
-        self.read1 = handler.rfile.read1
+    __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
+                 "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv",
+                 "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
+                 "_cork")
+
+    def __init__(self, sock, peer, policy, subprotocol, registry, buffered=b""):
+        # Not the library's constructor: it keeps the request (environ, handler, stream)
+        # alive for as long as the connection, and a chat connection lasts hours.
+        self.closed = False
+        self.sock = sock
         self.subprotocol = subprotocol
-        self.peer = "%s:%s" % handler.client_address[:2] if isinstance(
-            handler.client_address, tuple) else str(handler.client_address)
+        self.peer = peer
         self.max_size = policy.max_message_size
         self.outbox_limit = policy.outbox_size
         self.last_seen = self._turn = time.monotonic()
         self.close_code = None  # what we sent, or what the peer sent first
         self.close_reason = ""
         self.dead = False
+        self._buf = buffered  # bytes received and not yet parsed
+        self._sock_recv = sock._sock.recv  # the raw non-blocking socket: no gevent layer
+        self._sock_send = sock._sock.send
+        self._watcher = None  # the event-loop watcher that wakes a parked connection
+        self._session = None
+        self._registry = registry
+        registry.add(self)
         self._outbox = None  # a deque of what the socket refused, while a writer drains it
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
-        self._sock_send = self.sock._sock.send  # the raw non-blocking socket: no gevent layer
         try:
             # Frames are written whole (and coalesced per turn of the loop), so Nagle's
             # algorithm only adds delay: with the peer's delayed ACK, up to 40 ms a message.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass  # not TCP (a Unix socket in a test, say)
 
     def __del__(self):
         # The library's __del__ sends a close frame from the garbage collector; ours does not.
         pass
+
+    # -- the connection's life -----------------------------------------------------------
+
+    def run(self, session):
+        """Deliver this connection's messages to ``session`` until it ends. Reads what has
+        arrived in the calling greenlet, then returns; later messages are read by readers
+        spawned as they arrive."""
+        self._session = session
+        self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self._serve()
+
+    def _serve(self):
+        """Read and hand over messages while bytes are in, then park (or end)."""
+        session = self._session
+        try:
+            while self._ready():
+                message = self.receive()
+                if message is None:
+                    break
+                session.received(message)
+            else:
+                self._watcher.start(self._wake)
+                return
+        except Exception:  # noqa: BLE001 - the one boundary of a connection's reader
+            log.exception("connection from %s failed", self.peer)
+            self.close(frames.SERVER_ERROR, "server error")
+        self._end()
+
+    def _wake(self):
+        # Called by the event loop, which must not block: a reader greenlet starts at once,
+        # as one waiting in recv() would be switched to, and hands back to the loop when it
+        # waits or is done (the loop is its parent).
+        self._watcher.stop()
+        greenlet.greenlet(self._serve, gevent.get_hub()).switch()
+
+    def _ready(self):
+        """True when there is something to read now: bytes, the peer's EOF, or an error."""
+        if self._buf:
+            return True
+        try:
+            self._buf = self._sock_recv(READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # receive() meets it again and ends the connection
+        return True
+
+    def _end(self):
+        try:
+            self._session.ended()
+        except Exception:  # noqa: BLE001 - the socket must be released whatever happens
+            log.exception("ending the connection from %s failed", self.peer)
+        self.close()
+        self.flush(FLUSH_ON_EXIT)
+        self.abort()
+        self._registry.discard(self)
+        self._watcher = self._session = None
+        self.sock.close()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -109,19 +185,25 @@ class HardenedWebSocket(WebSocket):
             self.abort()
         return None
 
-    def _read_exact(self, n):
-        data = self.read(n)
-        if len(data) != n:
+    def _recv(self):
+        data = self.sock.recv(READ_CHUNK)  # gevent's: waits for the peer without blocking others
+        if not data:
             raise _EOF()
         return data
+
+    def _read_exact(self, n):
+        buf = self._buf
+        while len(buf) < n:
+            buf += self._recv()
+        self._buf = buf[n:]
+        return buf[:n]
 
     def _read_some(self, n):
         """Between 1 and ``n`` bytes, as soon as any have arrived: a payload is checked as
         its bytes come (RFC 6455 8.1: fail fast on invalid UTF-8), not once it is all in."""
-        data = self.read1(n)
-        if not data:
-            raise _EOF()
-        return data
+        buf = self._buf or self._recv()
+        self._buf = buf[n:]
+        return buf[:n]
 
     def _read_message(self):
         opcode, parts, size, decoder = None, [], 0, None
@@ -383,6 +465,16 @@ def _uncork_all():
             ws.abort()
 
 
+class _Unserved:
+    """The session of a WebSocket that no application took: it is closed at once."""
+
+    def received(self, message):
+        pass  # never called: data after our close frame is dropped
+
+    def ended(self):
+        pass
+
+
 def _tokens(header):
     return [t.strip() for t in header.split(",") if t.strip()]
 
@@ -391,11 +483,13 @@ class ChatHandler(WebSocketHandler):
     """The handshake of RFC 6455 section 4.2, with every refusal answered in plain text."""
 
     policy = Policy()
+    sockets = set()  # every open HardenedWebSocket, each removes itself when it ends
 
     @classmethod
-    def configured(cls, policy):
-        """A handler class bound to ``policy``, for ``WSGIServer(handler_class=...)``."""
-        return type(cls.__name__, (cls,), {"policy": policy})
+    def configured(cls, policy, sockets):
+        """A handler class bound to ``policy`` that registers each WebSocket it opens in the
+        set ``sockets``, for ``WSGIServer(handler_class=...)``."""
+        return type(cls.__name__, (cls,), {"policy": policy, "sockets": sockets})
 
     def handle(self):
         # A client that never finishes its request must not hold a connection forever; the
@@ -462,9 +556,10 @@ class ChatHandler(WebSocketHandler):
         if self.policy.is_full():
             return self._refuse("503 Service Unavailable", "Too many connections; try again later.")
 
-        self.socket.settimeout(None)
-        self.websocket = HardenedWebSocket(env, self, self.policy, subprotocol)
-        env.update({"wsgi.websocket_version": "13", "wsgi.websocket": self.websocket})
+        # The WebSocket itself is made once the 101 is out (run_websocket, below); the
+        # library only needs to know that there will be one.
+        self.websocket = None
+        self.subprotocol = subprotocol
         accept = base64.b64encode(hashlib.sha1((key + GUID).encode("ascii")).digest()).decode()
         headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                    ("Sec-WebSocket-Accept", accept)]
@@ -472,6 +567,33 @@ class ChatHandler(WebSocketHandler):
             headers.append(("Sec-WebSocket-Protocol", subprotocol))
         self.start_response("101 Switching Protocols", headers)
         return None
+
+    def run_websocket(self):
+        """Make the WebSocket and start its session; return while the connection lives on.
+
+        pywsgi closes a connection's socket when its request is done; a WebSocket outlives
+        its request, so the socket is detached from pywsgi's object first, together with
+        whatever the client sent right after its handshake. The request's greenlet, handler
+        and environ are then freed instead of waiting as long as the connection lasts.
+        """
+        sock, self.socket = self.socket, None  # pywsgi's request loop ends on a None socket
+        sock.settimeout(0.0)
+        buffered = self.rfile.peek()  # non-blocking now: the bytes read ahead, if any
+        address = self.client_address
+        peer = "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+        ws = HardenedWebSocket(gevent.socket.socket(fileno=sock.detach()), peer, self.policy,
+                               self.subprotocol, self.sockets, buffered)
+        self.websocket = ws
+        self.environ.update({"wsgi.websocket_version": "13", "wsgi.websocket": ws})
+        try:
+            self.application(self.environ, lambda status, headers, exc_info=None: None)
+        except Exception:  # noqa: BLE001 - the app failed before its session took the socket
+            log.exception("starting the WebSocket session from %s failed", peer)
+        if ws._session is None and not ws.dead:
+            # No session took it (the app failed, say): the client hears so, and the socket
+            # is released like any other.
+            ws.close(frames.SERVER_ERROR, "server error")
+            ws.run(_Unserved())
 
     def _origin_allowed(self, origin, host):
         origin = origin.strip().rstrip("/").lower()

@@ -78,7 +78,12 @@ def create_app(hub, settings, health=None, router=None):
 
     @app.get("/ws")
     def ws():
-        # Upgraded requests never get here (see wsgi below): this is a plain GET.
+        websocket = bottle.request.environ.get("wsgi.websocket")
+        if websocket is not None:
+            # The handshake is done (transport.ChatHandler): start the session and return;
+            # the connection lives on without this request.
+            session.serve(websocket, hub, settings, router)
+            return ""
         bottle.response.status = 400
         bottle.response.content_type = "text/plain; charset=utf-8"
         return ("This is the chat's WebSocket endpoint: connect with a WebSocket client "
@@ -94,13 +99,4 @@ def create_app(hub, settings, health=None, router=None):
             session.echo(websocket)
             return ""
 
-    def wsgi(environ, start_response):
-        # A chat session lasts as long as its connection. Run outside Bottle, it does not keep
-        # Bottle's per-request state and frames alive on every idle connection (4 KiB each).
-        websocket = environ.get("wsgi.websocket")
-        if websocket is not None and environ.get("PATH_INFO") == "/ws":
-            session.serve(websocket, hub, settings, router)
-            return []
-        return app(environ, start_response)
-
-    return wsgi
+    return app

@@ -11,7 +11,7 @@ import time
 import pytest
 import websocket
 
-from tests.clients import ConnectionClosed
+from tests.clients import ConnectionClosed, frame_bytes
 from tests.conftest import running
 
 
@@ -42,10 +42,10 @@ def new_client_id(watcher):
     return int(re.fullmatch(r"Client (\d+) connected\.", watcher.recv()).group(1))
 
 
-def healthz(server):
+def healthz(server, verbose=False):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
-        conn.request("GET", "/healthz")
+        conn.request("GET", "/healthz?verbose=1" if verbose else "/healthz")
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
@@ -431,3 +431,42 @@ def test_sigterm_exits_even_when_a_peer_never_answers_the_close(start_server, cl
     assert plain.recv_until_closed().code == 1001
     assert server.proc.wait(max(0.1, 8 - (time.monotonic() - start))) == 0
     assert_eof(raw, 1)
+
+
+# -- a connection outlives its HTTP request -----------------------------------------------
+
+def test_bytes_sent_with_the_handshake_are_not_lost(server, clients):
+    """A client that sends its first message in the same write as its handshake, before the
+    101 (RFC 6455 4.1 says it should wait), is still heard: the bytes the HTTP parser read
+    ahead go to the WebSocket."""
+    watcher = clients.plain(server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        request = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % server.port)
+        sock.sendall(request.encode("ascii") + frame_bytes(OP_TEXT, b"early bird"))
+        raw_id = new_client_id(watcher)
+        assert watcher.recv() == 'Client %d says "early bird"' % raw_id
+    finally:
+        sock.close()
+
+
+def test_idle_connections_hold_no_greenlet(server, clients):
+    """An idle connection is its objects and an event-loop watcher, not a greenlet waiting in
+    recv(): 100 idle clients add no greenlets, and each still hears the next message at once."""
+    watcher = clients.plain(server)
+    base = healthz(server, verbose=True)
+    idle = [clients.plain(server) for _ in range(100)]
+    for _ in idle:
+        new_client_id(watcher)
+    now = healthz(server, verbose=True)
+    assert now["connections"] == base["connections"] + 100
+    assert now["greenlets"] <= base["greenlets"] + 5, (base, now)
+    watcher.send("wake up")
+    for client in idle:
+        while True:
+            line = client.recv()
+            if not line.endswith("connected."):
+                break
+        assert line.endswith('says "wake up"'), line
