@@ -121,6 +121,7 @@ class HardenedWebSocket(WebSocket):
     def _serve(self):
         """Read and hand over messages while bytes are in, then park (or end)."""
         session = self._session
+        self._turn = time.monotonic()  # this reader's share of the loop starts now
         try:
             while self._ready():
                 message = self.receive()
