@@ -313,24 +313,24 @@ class HardenedWebSocket(WebSocket):
         """
         if self.close_code is not None or self.dead:
             return False
-        cork = self._cork
-        if cork is not None:
-            cork.append(data)
-            if len(cork) >= CORK_FRAMES:
-                self._uncork()
-            return True
         return self._push(data)
 
     def _push(self, data):
         if self._writer is None:
+            # The cork is None, one frame (a broadcast's usual case: no list to make), or a
+            # list of several.
             cork = self._cork
-            if cork is not None:
+            if cork is None:
+                self._cork = data
+                _corked.append(self)
+                if len(_corked) == 1:
+                    gevent.get_hub().loop.run_callback(_uncork_all)
+            elif cork.__class__ is list:
                 cork.append(data)
-                return True
-            self._cork = [data]
-            _corked.append(self)
-            if len(_corked) == 1:
-                gevent.get_hub().loop.run_callback(_uncork_all)
+                if len(cork) >= CORK_FRAMES:
+                    self._uncork()
+            else:
+                self._cork = [cork, data]
             return True
         if len(self._outbox) >= self.outbox_limit:
             self._slow_consumer()
@@ -342,9 +342,12 @@ class HardenedWebSocket(WebSocket):
         """Write the corked frames in one non-blocking send; queue what the socket refused
         and start the writer for it. The only writes outside the writer greenlet."""
         cork, self._cork = self._cork, None
-        if not cork or self.dead:
+        if cork is None or self.dead:
             return
-        data = cork[0] if len(cork) == 1 else b"".join(cork)
+        if cork.__class__ is list:
+            data = b"".join(cork)
+        else:
+            data, cork = cork, (cork,)
         try:
             sent = self._sock_send(data)
         except BlockingIOError:
@@ -426,11 +429,11 @@ class HardenedWebSocket(WebSocket):
         if self.dead:
             return
         cork, self._cork = self._cork, None
-        if cork:
+        if cork is not None:
             # Frames given before the end still get the one non-blocking write they would
             # have had uncorked: a peer that only half-closed reads them before our FIN.
             try:
-                self._sock_send(cork[0] if len(cork) == 1 else b"".join(cork))
+                self._sock_send(b"".join(cork) if cork.__class__ is list else cork)
             except OSError:
                 pass
         self.dead = self.closed = True
