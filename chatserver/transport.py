@@ -37,6 +37,7 @@ CORK_FRAMES = 64  # frames held for one socket in one turn of the loop before th
 FLUSH_ON_EXIT = 2.0  # seconds to let queued frames (our close frame, say) reach the peer
 CLOSE_WAIT = 2.0  # seconds to wait for the peer's close frame after ours
 SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before the socket goes
+IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
 
@@ -137,11 +138,14 @@ class HardenedWebSocket(WebSocket):
         self._end()
 
     def _wake(self):
-        # Called by the event loop, which must not block: a reader greenlet starts at once,
-        # as one waiting in recv() would be switched to, and hands back to the loop when it
-        # waits or is done (the loop is its parent).
+        # Called by the event loop, which must not block: a reader greenlet takes over at
+        # once, as one waiting in recv() would be switched to, and hands back to the loop
+        # when it waits or is done.
         self._watcher.stop()
-        greenlet.greenlet(self._serve, gevent.get_hub()).switch()
+        if _idle_readers:
+            _idle_readers.pop().switch(self)
+        else:
+            greenlet.greenlet(_reader, gevent.get_hub()).switch(self)
 
     def _ready(self):
         """True when there is something to read now: bytes, the peer's EOF, or an error."""
@@ -452,6 +456,25 @@ class HardenedWebSocket(WebSocket):
             self.send_frame_bytes(frames.frame(frames.OP_BINARY, bytes(message)))
         else:
             self.send_frame_bytes(frames.text_frame(message))
+
+
+_idle_readers = []  # reader greenlets waiting for a connection with bytes in
+
+
+def _reader(ws):
+    """A reader greenlet: serve ``ws`` until it parks, then wait for the next connection.
+
+    Kept for reuse (up to IDLE_READERS of them), since starting a greenlet costs more than
+    reading a small message: its frame stack is mapped anew each time.
+    """
+    hub = gevent.get_hub()
+    while True:
+        ws._serve()
+        if len(_idle_readers) >= IDLE_READERS:
+            return
+        ws = None  # hold nothing while idle
+        _idle_readers.append(greenlet.getcurrent())
+        ws = hub.switch()  # the loop switches back with the next connection (see _wake)
 
 
 _corked = []  # sockets holding corked frames, written when the loop next runs callbacks
