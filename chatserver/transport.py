@@ -6,6 +6,10 @@ the handshake answers 400/403/426/503 with a text body instead of a traceback, c
 masked (5.1), messages are limited in size before their payload is read, UTF-8 is validated
 as the bytes arrive (8.1), close frames carry their status code (5.5.1), and writes never
 block the caller: one writer per socket, and a bounded outbox for a peer that reads slowly.
+
+What a chat server needs beyond that: a connection outlives its HTTP request (the socket is
+taken from pywsgi once the 101 is out), and an idle connection holds no greenlet, only its
+objects and an event-loop watcher, so ten thousand of them cost a few KiB each.
 """
 import base64
 import binascii
