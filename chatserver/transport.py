@@ -46,6 +46,9 @@ TURN = 0.005  # seconds one connection may go on reading frames already in befor
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
 
 
+NO_MESSAGE = object()  # receive(): a frame was handled, but it carried no message
+
+
 class _EOF(Exception):
     """The peer went away in the middle of a frame or between frames."""
 
@@ -132,13 +135,18 @@ class HardenedWebSocket(WebSocket):
                 message = self.receive()
                 if message is None:
                     break
-                session.received(message)
+                if message is not NO_MESSAGE:
+                    session.received(message)
             else:
                 self._watcher.start(self._wake)
                 return
         except Exception:  # noqa: BLE001 - the one boundary of a connection's reader
             log.exception("connection from %s failed", self.peer)
             self.close(frames.SERVER_ERROR, "server error")
+        except BaseException:
+            # Killed (GreenletExit when the server stops, say): no waiting, nothing kept.
+            self._end(flush=False)
+            raise
         self._end()
 
     def _wake(self):
@@ -146,10 +154,12 @@ class HardenedWebSocket(WebSocket):
         # once, as one waiting in recv() would be switched to, and hands back to the loop
         # when it waits or is done.
         self._watcher.stop()
-        if _idle_readers:
-            _idle_readers.pop().switch(self)
-        else:
-            greenlet.greenlet(_reader, gevent.get_hub()).switch(self)
+        while _idle_readers:
+            reader = _idle_readers.pop()
+            if not reader.dead:
+                reader.switch(self)
+                return
+        greenlet.greenlet(_reader, gevent.get_hub()).switch(self)
 
     def _ready(self):
         """True when there is something to read now: bytes, the peer's EOF, or an error."""
@@ -163,22 +173,25 @@ class HardenedWebSocket(WebSocket):
             pass  # receive() meets it again and ends the connection
         return True
 
-    def _end(self):
+    def _end(self, flush=True):
         try:
             self._session.ended()
+            if flush:
+                self.close()
+                self.flush(FLUSH_ON_EXIT)
         except Exception:  # noqa: BLE001 - the socket must be released whatever happens
             log.exception("ending the connection from %s failed", self.peer)
-        self.close()
-        self.flush(FLUSH_ON_EXIT)
-        self.abort()
-        self._registry.discard(self)
-        self._watcher = self._session = None
-        self.sock.close()
+        finally:
+            self.abort()
+            self._registry.discard(self)
+            self._watcher = self._session = None
+            self.sock.close()
 
     # -- reading -------------------------------------------------------------------------
 
     def receive(self):
-        """The next message (str for text, bytes for binary); None when the connection ends."""
+        """The next message (str for text, bytes for binary); NO_MESSAGE after a control
+        frame outside a message (so an idle connection can park); None when it ends."""
         try:
             return self._read_message()
         except FrameError as exc:
@@ -224,7 +237,9 @@ class HardenedWebSocket(WebSocket):
             if op >= frames.OP_CLOSE:
                 if self._control(op, frames.unmask(self._read_exact(length), mask)):
                     return None
-                continue
+                if opcode is None:
+                    return NO_MESSAGE
+                continue  # between the fragments of a message
             if op == frames.OP_CONT:
                 if opcode is None:
                     raise FrameError(frames.PROTOCOL_ERROR, "continuation frame without a message")
@@ -261,8 +276,7 @@ class HardenedWebSocket(WebSocket):
             if fin:
                 if self.close_code is not None:
                     # RFC 6455 1.4: data after our close frame is read and dropped.
-                    opcode, parts, size, decoder = None, [], 0, None
-                    continue
+                    return NO_MESSAGE
                 return "".join(parts) if decoder is not None else b"".join(parts)
 
     def _read_header(self):
@@ -607,9 +621,10 @@ class ChatHandler(WebSocketHandler):
         whatever the client sent right after its handshake. The request's greenlet, handler
         and environ are then freed instead of waiting as long as the connection lasts.
         """
-        sock, self.socket = self.socket, None  # pywsgi's request loop ends on a None socket
+        sock = self.socket
         sock.settimeout(0.0)
         buffered = self.rfile.peek()  # non-blocking now: the bytes read ahead, if any
+        self.socket = None  # pywsgi's request loop ends, and leaves the socket open
         address = self.client_address
         peer = "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
         ws = HardenedWebSocket(gevent.socket.socket(fileno=sock.detach()), peer, self.policy,
@@ -620,7 +635,7 @@ class ChatHandler(WebSocketHandler):
             self.application(self.environ, lambda status, headers, exc_info=None: None)
         except Exception:  # noqa: BLE001 - the app failed before its session took the socket
             log.exception("starting the WebSocket session from %s failed", peer)
-        if ws._session is None and not ws.dead:
+        if ws._session is None and ws in self.sockets:
             # No session took it (the app failed, say): the client hears so, and the socket
             # is released like any other.
             ws.close(frames.SERVER_ERROR, "server error")

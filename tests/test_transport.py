@@ -454,7 +454,8 @@ def test_bytes_sent_with_the_handshake_are_not_lost(server, clients):
 
 def test_idle_connections_hold_no_greenlet(server, clients):
     """An idle connection is its objects and an event-loop watcher, not a greenlet waiting in
-    recv(): 100 idle clients add no greenlets, and each still hears the next message at once."""
+    recv(): 100 idle clients add no greenlets, not even after each has sent a ping (as
+    keepalive makes them answer pongs), and each still hears the next message at once."""
     watcher = clients.plain(server)
     base = healthz(server, verbose=True)
     idle = [clients.plain(server) for _ in range(100)]
@@ -462,6 +463,11 @@ def test_idle_connections_hold_no_greenlet(server, clients):
         new_client_id(watcher)
     now = healthz(server, verbose=True)
     assert now["connections"] == base["connections"] + 100
+    assert now["greenlets"] <= base["greenlets"] + 5, (base, now)
+    for client in idle:
+        client.ws.ping(b"still here")
+    time.sleep(0.5)
+    now = healthz(server, verbose=True)
     assert now["greenlets"] <= base["greenlets"] + 5, (base, now)
     watcher.send("wake up")
     for client in idle:
