@@ -1,5 +1,6 @@
 """Fixtures: a live ``python chat.py`` on an ephemeral port of 127.0.0.1, and clients for it."""
 import contextlib
+import json
 import os
 import re
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -51,6 +53,12 @@ class Server:
     @property
     def ws_url(self):
         return "ws://127.0.0.1:%d/ws" % self.port
+
+    def health(self, verbose=False):
+        """/healthz as a dict (with ``greenlets`` when ``verbose``)."""
+        path = "/healthz?verbose=1" if verbose else "/healthz"
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            return json.loads(r.read())
 
     def log(self):
         return "\n".join(self.lines)

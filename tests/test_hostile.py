@@ -8,7 +8,6 @@ or error, the other clients unaffected and no traceback in the server's log.
 """
 import base64
 import codecs
-import http.client
 import json
 import os
 import select
@@ -33,13 +32,7 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 # -- helpers ------------------------------------------------------------------------------
 
 def health(server, verbose=False):
-    """/healthz as a dict (with ``greenlets`` when ``verbose``)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", "/healthz?verbose=1" if verbose else "/healthz")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    return server.health(verbose)
 
 
 def rss_mb(server):

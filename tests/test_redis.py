@@ -1,11 +1,9 @@
 """Scale-out: several server processes sharing one real redis-server (REDIS_URL)."""
-import json
 import re
 import signal
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -19,8 +17,7 @@ def pair(start_server, redis_server):
 
 
 def health(server):
-    with urllib.request.urlopen(server.url + "/healthz?verbose=1", timeout=3) as r:
-        return json.loads(r.read())
+    return server.health(verbose=True)
 
 
 def poll(check, timeout=10.0, every=0.1):

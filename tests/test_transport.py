@@ -1,7 +1,5 @@
 """The frame level of RFC 6455 against the live server: framing errors and their close codes,
 size limits, UTF-8 validation, control frames, keepalive, slow consumers, floods and shutdown."""
-import http.client
-import json
 import re
 import socket
 import struct
@@ -40,15 +38,6 @@ def close_code(raw, timeout=5):
 def new_client_id(watcher):
     """The id in the next `Client N connected.` that the plain client ``watcher`` receives."""
     return int(re.fullmatch(r"Client (\d+) connected\.", watcher.recv()).group(1))
-
-
-def healthz(server, verbose=False):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", "/healthz?verbose=1" if verbose else "/healthz")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
 
 
 def assert_eof(raw, timeout):
@@ -315,7 +304,7 @@ def test_client_answering_pings_stays_connected(beating, clients):
     assert pings >= 5
     j.send(type="ping", ref=1)
     assert j.wait("pong", timeout=2) == {"type": "pong", "ref": 1}
-    assert healthz(beating)["connections"] == 1
+    assert beating.health()["connections"] == 1
 
 
 # -- slow consumer ------------------------------------------------------------------------
@@ -328,7 +317,7 @@ def test_slow_consumer_is_dropped_while_others_get_everything(start_server, clie
     slow_id = new_client_id(reader)
     sender = clients.plain(server)
     sender_id = new_client_id(reader)
-    assert healthz(server)["connections"] == 3
+    assert server.health()["connections"] == 3
 
     # The kernel buffers a few MB for the silent peer before the server has to queue, so the
     # sender goes on (1 KiB a message) until the server gives up on it; it never runs more
@@ -370,7 +359,7 @@ def test_slow_consumer_is_dropped_while_others_get_everything(start_server, clie
 
     # the slow client leaves the registry (it gets SLOW_CLOSE_WAIT to take its close frame)
     assert reader.recv(timeout=10) == "Client %d disconnected." % slow_id
-    assert healthz(server)["connections"] == 2
+    assert server.health()["connections"] == 2
     server.wait_for_log(r"Connection %d closed \(1008\)" % slow_id)
 
 
@@ -457,17 +446,17 @@ def test_idle_connections_hold_no_greenlet(server, clients):
     recv(): 100 idle clients add no greenlets, not even after each has sent a ping (as
     keepalive makes them answer pongs), and each still hears the next message at once."""
     watcher = clients.plain(server)
-    base = healthz(server, verbose=True)
+    base = server.health(verbose=True)
     idle = [clients.plain(server) for _ in range(100)]
     for _ in idle:
         new_client_id(watcher)
-    now = healthz(server, verbose=True)
+    now = server.health(verbose=True)
     assert now["connections"] == base["connections"] + 100
     assert now["greenlets"] <= base["greenlets"] + 5, (base, now)
     for client in idle:
         client.ws.ping(b"still here")
     time.sleep(0.5)
-    now = healthz(server, verbose=True)
+    now = server.health(verbose=True)
     assert now["greenlets"] <= base["greenlets"] + 5, (base, now)
     watcher.send("wake up")
     for client in idle:
