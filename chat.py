@@ -34,7 +34,7 @@ def main(argv=None):
         shared = backplane.RedisBackplane(settings.redis_url, settings.history_size,
                                           settings.presence_ttl)
     else:
-        shared = backplane.LocalBackplane(settings.history_size)
+        shared = backplane.LocalBackplane(settings.history_size, settings.history_bytes)
     hub = Hub(settings, shared)
     router = wamp.Router(hub, settings.wamp_realm)
     hub.start()

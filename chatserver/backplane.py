@@ -37,8 +37,11 @@ class LocalBackplane:
 
     name = "local"
 
-    def __init__(self, history_size):
+    def __init__(self, history_size, history_bytes):
         self.history_size = history_size
+        self.history_bytes = history_bytes  # the budget of all rooms' history together
+        self._held = 0  # what their history holds now (``rooms.message_cost``)
+        self._budget_met = False
         self._ids = itertools.count(1)
         self._rooms = collections.OrderedDict()  # name -> Room, least recently used first
         self._presence = {}  # name -> {id: {id, nick}}
@@ -52,7 +55,7 @@ class LocalBackplane:
         pass
 
     def health(self):
-        return {"backplane": self.name}
+        return {"backplane": self.name, "history_bytes": self._held}
 
     def next_id(self):
         return next(self._ids)
@@ -108,7 +111,11 @@ class LocalBackplane:
             earlier = r.find(ref)
             if earlier is not None:
                 return earlier, False
+        held = r.size
         message = r.append(sender, text, ts, ref)
+        self._held += r.size - held
+        if self._held > self.history_bytes:
+            self._trim(r)
         self._deliver({"k": "msg", "message": message})
         return message, True
 
@@ -147,7 +154,22 @@ class LocalBackplane:
         if excess <= 0:
             return
         for name in [n for n in self._rooms if n not in self._presence][:excess]:
-            del self._rooms[name]
+            self._held -= self._rooms.pop(name).size
+
+    def _trim(self, newest):
+        """Keep all history within its byte budget: HISTORY_SIZE messages of the largest size
+        in every room would not fit in memory. The oldest messages of the least recently used
+        rooms go first; the message just stored in ``newest`` always stays."""
+        if not self._budget_met:
+            self._budget_met = True
+            log.info("history reached HISTORY_BYTES (%d bytes): the oldest messages of the "
+                     "least recently used rooms are forgotten from now on", self.history_bytes)
+        for room in self._rooms.values():  # least recently used first; ``newest`` is last
+            keep = 1 if room is newest else 0
+            while len(room.history) > keep and self._held > self.history_bytes:
+                self._held -= room.drop_oldest()
+            if self._held <= self.history_bytes:
+                return
 
 
 EMPTY_ROOMS_KEPT = 1000

@@ -5,13 +5,24 @@ so a client that recovers with ``since`` must present the epoch it saw (see the 
 """
 import collections
 import secrets
+import sys
+
+# What a stored message costs beside its text: the message dict, its sender dict, the id and
+# the timestamp (measured with tracemalloc on CPython 3.11: about 520 bytes).
+MESSAGE_OVERHEAD = 512
+
+
+def message_cost(message):
+    """The approximate bytes of memory one stored message holds."""
+    return sys.getsizeof(message["text"]) + MESSAGE_OVERHEAD
 
 
 class Room:
     """One room. Shape: members[client_id] = client; history = deque of message dicts, oldest
-    first; refs[idempotency_key] = message (only for messages still in history)."""
+    first; refs[idempotency_key] = message (only for messages still in history); size = the
+    ``message_cost`` of everything in history."""
 
-    __slots__ = ("name", "epoch", "seq", "members", "history", "refs")
+    __slots__ = ("name", "epoch", "seq", "members", "history", "refs", "size")
 
     def __init__(self, name, history_size, epoch=None):
         self.name = name
@@ -20,6 +31,7 @@ class Room:
         self.members = {}
         self.history = collections.deque(maxlen=history_size)
         self.refs = {}
+        self.size = 0
 
     def __len__(self):
         return len(self.members)
@@ -47,11 +59,20 @@ class Room:
             message["ref"] = ref
         if self.history.maxlen:
             if len(self.history) == self.history.maxlen:
-                self.refs.pop(self.history[0].get("ref"), None)
+                self.drop_oldest()
             self.history.append(message)
+            self.size += message_cost(message)
             if ref is not None:
                 self.refs[ref] = message
         return message
+
+    def drop_oldest(self):
+        """Forget the oldest message in history (and its ref); returns the bytes freed."""
+        message = self.history.popleft()
+        self.refs.pop(message.get("ref"), None)
+        cost = message_cost(message)
+        self.size -= cost
+        return cost
 
     def recover(self, since, epoch):
         """(messages, recovered): every message after ``since`` when history still holds them all

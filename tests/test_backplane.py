@@ -7,7 +7,7 @@ def test_empty_rooms_are_bounded_least_recently_used_first(monkeypatch):
     """Rooms nobody is in keep their history only up to EMPTY_ROOMS_KEPT, oldest dropped first;
     rooms with members are never dropped."""
     monkeypatch.setattr(backplane, "EMPTY_ROOMS_KEPT", 3)
-    bp = LocalBackplane(history_size=10)
+    bp = LocalBackplane(history_size=10, history_bytes=1 << 20)
     bp.start(lambda event: None)
     bp.enter("kept", {"id": 1, "nick": "a"})
     bp.post("kept", {"id": 1, "nick": "a"}, "hello", 1.0)
@@ -22,9 +22,58 @@ def test_empty_rooms_are_bounded_least_recently_used_first(monkeypatch):
 def test_posts_are_delivered_and_refs_deduplicated():
     """A post is handed to deliver once; the same idempotency key returns the stored message."""
     got = []
-    bp = LocalBackplane(history_size=10)
+    bp = LocalBackplane(history_size=10, history_bytes=1 << 20)
     bp.start(got.append)
     first, fresh = bp.post("r", {"id": 1, "nick": "a"}, "hi", 1.0, "key-0001")
     again, fresh_again = bp.post("r", {"id": 1, "nick": "a"}, "hi", 2.0, "key-0001")
     assert fresh and not fresh_again and again is first
     assert got == [{"k": "msg", "message": first}]
+
+
+def held(bp):
+    """What the backplane says its history holds, checked against the rooms themselves."""
+    total = bp.health()["history_bytes"]
+    assert total == sum(room.size for room in bp._rooms.values())
+    return total
+
+
+def test_history_stays_within_its_byte_budget():
+    """Past HISTORY_BYTES the oldest messages of the least recently used rooms are forgotten;
+    the room written to last keeps its newest messages."""
+    text = "x" * 10000
+    bp = LocalBackplane(history_size=100, history_bytes=65536)
+    bp.start(lambda event: None)
+    for room in ("old", "used", "new"):
+        for n in range(3):
+            bp.post(room, {"id": 1, "nick": "a"}, text, float(n))
+    bp.history("used")  # read again: now more recent than "new"
+    assert held(bp) > 65536 - 20000
+    for n in range(3, 5):
+        bp.post("new", {"id": 1, "nick": "a"}, text, float(n))
+        assert held(bp) <= 65536
+    assert bp.history("old")[0] == [], "the least recently used room is emptied first"
+    assert [m["id"] for m in bp.history("new")[0]][-2:] == [4, 5]
+    assert len(bp.history("used")[0]) >= 1
+
+
+def test_a_message_bigger_than_the_budget_is_still_kept():
+    """The newest message stays even when it alone exceeds the budget: a join after it still
+    sees it, and the room's older messages are gone."""
+    bp = LocalBackplane(history_size=10, history_bytes=65536)
+    bp.start(lambda event: None)
+    bp.post("r", {"id": 1, "nick": "a"}, "small", 1.0, "key-small")
+    bp.post("r", {"id": 1, "nick": "a"}, "y" * 70000, 2.0)
+    assert [m["id"] for m in bp.history("r")[0]] == [2]
+    assert bp._rooms["r"].find("key-small") is None
+    assert held(bp) > 65536
+
+
+def test_evicted_rooms_give_their_bytes_back(monkeypatch):
+    """Dropping an empty room (EMPTY_ROOMS_KEPT) frees its history from the budget's count."""
+    monkeypatch.setattr(backplane, "EMPTY_ROOMS_KEPT", 1)
+    bp = LocalBackplane(history_size=10, history_bytes=1 << 20)
+    bp.start(lambda event: None)
+    for n in range(4):
+        bp.post("room%d" % n, {"id": 1, "nick": "a"}, "z" * 1000, 1.0)
+    assert set(bp._rooms) == {"room3"}
+    assert held(bp) == bp._rooms["room3"].size

@@ -29,7 +29,7 @@ def clean_env(**extra):
 
 DEFAULTS = {
     "port": 8080, "host": "0.0.0.0", "allowed_origins": (), "max_message_size": 65536,
-    "history_size": 100, "rate_limit": 10.0, "rate_burst": 20, "max_connections": 10000,
+    "history_size": 100, "history_bytes": 64 * 1024 * 1024, "rate_limit": 10.0, "rate_burst": 20, "max_connections": 10000,
     "max_rooms": 50, "ping_interval": 25.0, "ping_timeout": 60.0, "outbox_size": 1024,
     "presence_limit": 1000, "redis_url": "", "presence_ttl": 30.0, "log_level": "INFO",
 }
@@ -94,7 +94,8 @@ def test_environment_values():
     """Each setting is read from its environment variable and converted."""
     env = {
         "PORT": "9000", "HOST": " 127.0.0.1 ", "ALLOWED_ORIGINS": "https://a.example",
-        "MAX_MESSAGE_SIZE": "1000", "HISTORY_SIZE": "5", "RATE_LIMIT": "2.5",
+        "MAX_MESSAGE_SIZE": "1000", "HISTORY_SIZE": "5", "HISTORY_BYTES": "100000",
+        "RATE_LIMIT": "2.5",
         "RATE_BURST": "3", "MAX_CONNECTIONS": "7", "MAX_ROOMS": "4", "PING_INTERVAL": "0.5",
         "PING_TIMEOUT": "1.5", "OUTBOX_SIZE": "16", "PRESENCE_LIMIT": "0", "LOG_LEVEL": "debug",
         "REDIS_URL": " redis://cache:6379/0 ",
@@ -102,7 +103,8 @@ def test_environment_values():
     s = config.load([], environ=env)
     assert known(s) == dict(DEFAULTS, **dict(
         port=9000, host="127.0.0.1", allowed_origins=("https://a.example",),
-        max_message_size=1000, history_size=5, rate_limit=2.5, rate_burst=3,
+        max_message_size=1000, history_size=5, history_bytes=100000, rate_limit=2.5,
+        rate_burst=3,
         max_connections=7, max_rooms=4, ping_interval=0.5, ping_timeout=1.5, outbox_size=16,
         presence_limit=0, redis_url="redis://cache:6379/0", log_level="DEBUG"))
 
@@ -120,7 +122,8 @@ def test_flags_override_environment():
 def test_every_setting_has_a_flag():
     """Every setting can be given as a flag."""
     argv = ["--port", "1", "--host", "h", "--allowed-origins", "*", "--max-message-size", "125",
-            "--history-size", "0", "--rate-limit", "0", "--rate-burst", "1",
+            "--history-size", "0", "--history-bytes", "65536", "--rate-limit", "0",
+            "--rate-burst", "1",
             "--max-connections", "1", "--max-rooms", "1", "--ping-interval", "0.05",
             "--ping-timeout", "0.1", "--outbox-size", "1", "--presence-limit", "0",
             "--log-level", "ERROR", "--redis-url", "unix:///run/redis.sock",
@@ -128,7 +131,7 @@ def test_every_setting_has_a_flag():
     s = config.load(argv, environ={})
     assert known(s) == dict(DEFAULTS, **dict(
         port=1, host="h", allowed_origins=("*",), max_message_size=125, history_size=0,
-        rate_limit=0.0, rate_burst=1, max_connections=1, max_rooms=1, ping_interval=0.05,
+        history_bytes=65536, rate_limit=0.0, rate_burst=1, max_connections=1, max_rooms=1, ping_interval=0.05,
         ping_timeout=0.1, outbox_size=1, presence_limit=0, redis_url="unix:///run/redis.sock",
         presence_ttl=0.5, log_level="ERROR"))
 
@@ -136,7 +139,7 @@ def test_every_setting_has_a_flag():
 @pytest.mark.parametrize("name, value", [
     ("PORT", "0"), ("PORT", "65535"),
     ("MAX_MESSAGE_SIZE", "125"), ("MAX_MESSAGE_SIZE", str(64 * 1024 * 1024)),
-    ("HISTORY_SIZE", "0"), ("HISTORY_SIZE", "100000"),
+    ("HISTORY_SIZE", "0"), ("HISTORY_SIZE", "100000"), ("HISTORY_BYTES", "65536"),
     ("RATE_LIMIT", "0"), ("RATE_BURST", "1"), ("MAX_CONNECTIONS", "1"), ("MAX_ROOMS", "1"),
     ("PING_INTERVAL", "0.05"), ("PING_TIMEOUT", "0.1"), ("OUTBOX_SIZE", "1"),
     ("PRESENCE_LIMIT", "0"), ("PRESENCE_TTL", "0.5"),
@@ -156,6 +159,7 @@ BAD_NUMBERS = [
     ("MAX_MESSAGE_SIZE", str(64 * 1024 * 1024 + 1)),
     ("HISTORY_SIZE", "x"), ("HISTORY_SIZE", "-1"), ("HISTORY_SIZE", "100001"),
     ("HISTORY_SIZE", "1e3"),
+    ("HISTORY_BYTES", "65535"), ("HISTORY_BYTES", "64MiB"), ("HISTORY_BYTES", "-1"),
     ("RATE_LIMIT", "fast"), ("RATE_LIMIT", "-0.1"), ("RATE_LIMIT", "nan"), ("RATE_LIMIT", "inf"),
     ("RATE_LIMIT", ""),
     ("RATE_BURST", "0"), ("RATE_BURST", "many"), ("RATE_BURST", "2.5"),

@@ -70,7 +70,8 @@ class Clock:
 def make_hub(backplane_class=LocalBackplane, **env):
     clock = Clock()
     settings = config.load([], environ={k.upper(): str(v) for k, v in env.items()})
-    hub = Hub(settings, backplane_class(settings.history_size), clock=clock)
+    hub = Hub(settings, backplane_class(settings.history_size, settings.history_bytes),
+              clock=clock)
     hub.start()
     return hub, clock
 

@@ -49,6 +49,27 @@ def test_history_in_welcome_is_bounded(start_server, clients):
     assert all(m["type"] == "message" for m in b.welcome["history"])
 
 
+def test_history_is_bounded_in_bytes_across_rooms(start_server, clients):
+    """Past HISTORY_BYTES, the least recently used room's history goes first; the room in use
+    keeps its latest messages, and /healthz says how much history is held."""
+    server = start_server(env={"HISTORY_BYTES": "65536", "RATE_LIMIT": "0"})
+    a = clients.json(server)
+    text = "x" * 20000
+    for room in ("old", "new"):
+        a.send(type="join", room=room)
+        a.wait("joined")
+        for _ in range(3):
+            a.send(type="message", room=room, text=text)
+            a.wait("ack")
+    b = clients.json(server)
+    b.send(type="join", room="new")
+    assert [m["id"] for m in b.wait("joined")["history"]] == [1, 2, 3]
+    b.send(type="join", room="old")
+    assert b.wait("joined")["history"] == []
+    assert 60000 < server.health()["history_bytes"] <= 65536
+    server.wait_for_log("history reached HISTORY_BYTES")
+
+
 def test_join_leave_and_rooms_are_separate(server, clients):
     """Messages stay in their room; `joined` lists members; presence tells of joins and leaves."""
     a, b, c = clients.json(server), clients.json(server), clients.json(server)

@@ -1,5 +1,5 @@
 """Room: per-room sequence ids, bounded history, idempotency refs and recovery."""
-from chatserver.rooms import Room
+from chatserver.rooms import Room, message_cost
 
 SENDER = {"id": 1, "nick": "Client 1"}
 
@@ -195,3 +195,17 @@ def test_recover_with_history_size_zero():
     fill(room, 3)
     assert room.recover(3, "E") == ([], True)
     assert room.recover(2, "E") == ([], False)
+
+
+def test_size_counts_what_history_holds():
+    """``size`` is the cost of the messages in history: it grows with each one, and shrinks
+    when the oldest leave, whether pushed out by HISTORY_SIZE or dropped."""
+    room = Room("dev", 2)
+    first = room.append(SENDER, "a" * 1000, 1.0, "ref-first")
+    assert room.size == message_cost(first) > 1000
+    second = room.append(SENDER, "b", 2.0)
+    third = room.append(SENDER, "c", 3.0)  # pushes the first out
+    assert room.size == message_cost(second) + message_cost(third)
+    assert room.find("ref-first") is None
+    assert room.drop_oldest() == message_cost(second)
+    assert list(room.history) == [third] and room.size == message_cost(third)
