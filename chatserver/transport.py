@@ -16,7 +16,6 @@ import binascii
 import codecs
 import dataclasses
 import hashlib
-import http.client
 import logging
 import socket
 import struct
@@ -44,6 +43,9 @@ SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before th
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
+BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+               b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(b"Malformed HTTP request.\n"), b"Malformed HTTP request.\n"))
 
 
 NO_MESSAGE = object()  # receive(): a frame was handled, but it carried no message
@@ -562,11 +564,12 @@ class ChatHandler(WebSocketHandler):
             log.info("dropped an incomplete HTTP request from %s: %s", self.client_address,
                      type(ex).__name__)
             return None
-        if isinstance(ex, http.client.HTTPException):
-            # More than 100 header lines: the client's fault, not ours. gevent prints a
-            # traceback for anything that is not a ValueError, so hand it one.
-            ex = ValueError(str(ex))
-        return super()._handle_client_error(ex)
+        # A malformed request is the client's doing, and common on a public port (scanners,
+        # TLS spoken to a plain-HTTP port): logged like a refused handshake, not as a server
+        # error, which gevent would do (with a traceback for more than 100 header lines).
+        detail = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+        log.info("bad HTTP request from %s: %s", self.client_address, detail[:200])
+        return ("400", BAD_REQUEST)
 
     def upgrade_websocket(self):
         env = self.environ
@@ -580,6 +583,10 @@ class ChatHandler(WebSocketHandler):
             return self._refuse("400 Bad Request", "WebSocket needs HTTP/1.1.")
         if not env.get("HTTP_HOST", "").strip():
             return self._refuse("400 Bad Request", "A Host header is required.")
+        if "HTTP_TRANSFER_ENCODING" in env or env.get("CONTENT_LENGTH", "0") not in ("", "0"):
+            # What follows the headers is the WebSocket's first frames (RFC 6455 4.1): a
+            # request body there would be read as frames, or frames read as a body.
+            return self._refuse("400 Bad Request", "A WebSocket handshake has no body.")
         if env.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
             return self._refuse("426 Upgrade Required", "Only WebSocket version 13 is supported.",
                                 [("Sec-WebSocket-Version", "13")])

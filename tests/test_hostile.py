@@ -669,6 +669,29 @@ def test_handshake_without_host_is_refused_with_400(garbage_server):
     _assert_still_serving(garbage_server, since)
 
 
+@pytest.mark.parametrize("body", [b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                                  b"Content-Length: 5\r\n\r\nhello"], ids=["chunked", "length"])
+def test_handshake_with_a_body_is_refused(garbage_server, body):
+    """A handshake that claims a body gets 400 and no upgrade: the bytes after it would be
+    taken for WebSocket frames (RFC 6455 4.1)."""
+    since = len(garbage_server.lines)
+    status, answer = _send_garbage(garbage_server, b"GET /ws HTTP/1.1\r\nHost: x\r\n" + U + K + body)
+    assert status == 400, answer[:200]
+    assert answer.endswith(b"A WebSocket handshake has no body.\n")
+    _assert_still_serving(garbage_server, since)
+
+
+def test_malformed_requests_are_logged_as_the_clients_doing(garbage_server):
+    """Bytes that are not HTTP get a 400 that says so, and an INFO line naming the peer, not
+    an ERROR: a public port sees them all day."""
+    since = len(garbage_server.lines)
+    status, answer = _send_garbage(garbage_server, GARBAGE["tls-client-hello"])
+    assert status == 400 and answer.endswith(b"Malformed HTTP request.\n"), answer[:200]
+    line = garbage_server.wait_for_log(r"INFO .*bad HTTP request from \('127\.0\.0\.1'")
+    assert "Invalid HTTP method" in line
+    assert not [l for l in garbage_server.lines[since:] if " ERROR " in l]
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.binary(min_size=1, max_size=3000))
