@@ -1,5 +1,6 @@
 """The Bottle application: the page, static files, /healthz, and the /ws endpoint."""
 import gc
+import ipaddress
 import os
 import re
 
@@ -71,8 +72,9 @@ def create_app(hub, settings, health=None, router=None):
         body = {"status": "ok", **hub.stats()}
         if health is not None:
             body.update(health())
-        if bottle.request.query.get("verbose"):
-            # A walk of the heap: for diagnosing leaks, not for a load balancer's probe.
+        if bottle.request.query.get("verbose") and _from_this_machine(bottle.request.environ):
+            # A walk of the heap: for diagnosing leaks, not for a load balancer's probe, and
+            # not for anyone on the internet to make the server do on a loop.
             body["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
         return body
 
@@ -100,3 +102,14 @@ def create_app(hub, settings, health=None, router=None):
             return ""
 
     return app
+
+
+def _from_this_machine(environ):
+    """True for a request from a loopback address that no proxy passed on (a proxy on the
+    same machine says whom it forwards for)."""
+    if environ.get("HTTP_X_FORWARDED_FOR") or environ.get("HTTP_FORWARDED"):
+        return False
+    try:
+        return ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False

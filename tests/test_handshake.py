@@ -132,6 +132,21 @@ def test_healthz_counts_connections_and_rooms(server, clients):
     wait_health(server, connections=0, rooms=0)
 
 
+@pytest.mark.parametrize("proxy_header", [None, "X-Forwarded-For", "Forwarded"])
+def test_healthz_verbose_only_for_this_machine(server, proxy_header):
+    """?verbose=1 (a walk of the heap) adds a greenlet count for a request from loopback, and
+    is ignored for one a proxy passed on: the internet cannot make the server walk its heap."""
+    headers = {proxy_header: "for=203.0.113.7" if proxy_header == "Forwarded" else
+               "203.0.113.7"} if proxy_header else {}
+    status, _, body = http_get(server, "/healthz?verbose=1", headers)
+    assert status == 200
+    got = json.loads(body)
+    if proxy_header:
+        assert "greenlets" not in got and got["status"] == "ok"
+    else:
+        assert got["greenlets"] > 0
+
+
 # -- Origin -------------------------------------------------------------------------------
 
 def test_no_origin_is_accepted(server):
