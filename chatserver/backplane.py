@@ -44,6 +44,7 @@ class LocalBackplane:
         self._budget_met = False
         self._ids = itertools.count(1)
         self._rooms = collections.OrderedDict()  # name -> Room, least recently used first
+        self._holding = collections.OrderedDict()  # the same, for the rooms with history
         self._presence = {}  # name -> {id: {id, nick}}
         self._online = set()
         self._deliver = None
@@ -114,6 +115,8 @@ class LocalBackplane:
         held = r.size
         message = r.append(sender, text, ts, ref)
         self._held += r.size - held
+        if r.history:
+            self._holding[room] = r  # last: _room() has just moved it there if it was in
         if self._held > self.history_bytes:
             self._trim(r)
         self._deliver({"k": "msg", "message": message})
@@ -140,6 +143,8 @@ class LocalBackplane:
             self._evict()
         else:
             self._rooms.move_to_end(name)
+            if name in self._holding:
+                self._holding.move_to_end(name)
         return room
 
     def _forget_if_idle(self, name):
@@ -155,6 +160,7 @@ class LocalBackplane:
             return
         for name in [n for n in self._rooms if n not in self._presence][:excess]:
             self._held -= self._rooms.pop(name).size
+            self._holding.pop(name, None)
 
     def _trim(self, newest):
         """Keep all history within its byte budget: HISTORY_SIZE messages of the largest size
@@ -164,12 +170,15 @@ class LocalBackplane:
             self._budget_met = True
             log.info("history reached HISTORY_BYTES (%d bytes): the oldest messages of the "
                      "least recently used rooms are forgotten from now on", self.history_bytes)
-        for room in self._rooms.values():  # least recently used first; ``newest`` is last
-            keep = 1 if room is newest else 0
-            while len(room.history) > keep and self._held > self.history_bytes:
-                self._held -= room.drop_oldest()
-            if self._held <= self.history_bytes:
+        while self._held > self.history_bytes:
+            # Only rooms with history are looked at, so a trim costs what it drops, however
+            # many rooms are empty. ``newest`` is the last of them.
+            room = next(iter(self._holding.values()))
+            if room is newest and len(room.history) == 1:
                 return
+            self._held -= room.drop_oldest()
+            if not room.history:
+                del self._holding[room.name]
 
 
 EMPTY_ROOMS_KEPT = 1000
