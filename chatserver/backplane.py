@@ -11,6 +11,7 @@ Events are dicts with a kind ``k``: ``msg`` (a stored message), ``presence``, ``
 ``direct`` (to one connection id), ``plain`` (text for plain-text clients only).
 """
 import collections
+import heapq
 import itertools
 import json
 import logging
@@ -41,10 +42,12 @@ class LocalBackplane:
         self.history_size = history_size
         self.history_bytes = history_bytes  # the budget of all rooms' history together
         self._held = 0  # what their history holds now (``rooms.message_cost``)
-        self._budget_met = False
+        # A heap of (-size, name): each room with history at its current size, so the one
+        # that holds the most is found at once; entries for older sizes are skipped.
+        self._largest = []
+        self._budget_met = False  # logged once, when history first reaches the budget
         self._ids = itertools.count(1)
         self._rooms = collections.OrderedDict()  # name -> Room, least recently used first
-        self._holding = collections.OrderedDict()  # the same, for the rooms with history
         self._presence = {}  # name -> {id: {id, nick}}
         self._online = set()
         self._deliver = None
@@ -115,8 +118,7 @@ class LocalBackplane:
         held = r.size
         message = r.append(sender, text, ts, ref)
         self._held += r.size - held
-        if r.history:
-            self._holding[room] = r  # last: _room() has just moved it there if it was in
+        self._note_size(r)
         if self._held > self.history_bytes:
             self._trim(r)
         self._deliver({"k": "msg", "message": message})
@@ -143,8 +145,6 @@ class LocalBackplane:
             self._evict()
         else:
             self._rooms.move_to_end(name)
-            if name in self._holding:
-                self._holding.move_to_end(name)
         return room
 
     def _forget_if_idle(self, name):
@@ -160,25 +160,41 @@ class LocalBackplane:
             return
         for name in [n for n in self._rooms if n not in self._presence][:excess]:
             self._held -= self._rooms.pop(name).size
-            self._holding.pop(name, None)
 
     def _trim(self, newest):
-        """Keep all history within its byte budget: HISTORY_SIZE messages of the largest size
-        in every room would not fit in memory. The oldest messages of the least recently used
-        rooms go first; the message just stored in ``newest`` always stays."""
+        """Forget the oldest messages of the rooms that hold the most until all history fits
+        in HISTORY_BYTES.
+
+        HISTORY_SIZE messages of the largest size in every room would not fit in memory. The
+        biggest rooms go first, so large messages posted to some rooms, a flood say, do not
+        erase the history (and the idempotency keys) of rooms of ordinary chat. The message
+        just stored in ``newest`` always stays.
+        """
         if not self._budget_met:
             self._budget_met = True
             log.info("history reached HISTORY_BYTES (%d bytes): the oldest messages of the "
-                     "least recently used rooms are forgotten from now on", self.history_bytes)
-        while self._held > self.history_bytes:
-            # Only rooms with history are looked at, so a trim costs what it drops, however
-            # many rooms are empty. ``newest`` is the last of them.
-            room = next(iter(self._holding.values()))
+                     "rooms that hold the most are forgotten from now on", self.history_bytes)
+        spared = None
+        while self._held > self.history_bytes and self._largest:
+            entry = heapq.heappop(self._largest)
+            room = self._rooms.get(entry[1])
+            if room is None or room.size != -entry[0] or not room.history:
+                continue  # the room shrank or grew since, or is gone
             if room is newest and len(room.history) == 1:
-                return
+                spared = entry
+                continue
             self._held -= room.drop_oldest()
-            if not room.history:
-                del self._holding[room.name]
+            self._note_size(room)
+        if spared is not None:
+            heapq.heappush(self._largest, spared)
+
+    def _note_size(self, room):
+        if room.history:
+            heapq.heappush(self._largest, (-room.size, room.name))
+        if len(self._largest) > 2 * len(self._rooms) + 64:
+            # Entries for older sizes pile up: start again from the rooms as they are.
+            self._largest = [(-r.size, n) for n, r in self._rooms.items() if r.history]
+            heapq.heapify(self._largest)
 
 
 EMPTY_ROOMS_KEPT = 1000

@@ -99,7 +99,7 @@ SETTINGS = (
     ("HISTORY_SIZE", "100", _int(0, 100000), "messages kept per room for history and recovery"),
     ("HISTORY_BYTES", "67108864", _int(65536),
      "without Redis: memory all rooms' history may take together, in bytes (64 MiB); the "
-     "oldest messages of the least recently used rooms go first"),
+     "rooms that hold the most lose their oldest messages first"),
     ("RATE_LIMIT", "10", _float(0), "messages per second per connection (0 turns the limit off)"),
     ("RATE_BURST", "20", _int(1), "messages a connection may send at once before the rate applies"),
     ("MAX_CONNECTIONS", "10000", _int(1), "open WebSocket connections per process"),

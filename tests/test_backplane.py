@@ -34,31 +34,39 @@ def held(bp):
     """What the backplane says its history holds, checked against the rooms themselves."""
     total = bp.health()["history_bytes"]
     assert total == sum(room.size for room in bp._rooms.values())
-    # A trim looks only at the rooms that hold history: they must be exactly those.
-    assert set(bp._holding) == {name for name, room in bp._rooms.items() if room.history}
+    # A trim finds the room that holds the most in a heap: each room with history must be in
+    # it at its current size.
+    assert {(-room.size, name) for name, room in bp._rooms.items() if room.history} \
+        <= set(bp._largest)
     return total
 
 
+SENDER = {"id": 1, "nick": "a"}
+
+
 def test_history_stays_within_its_byte_budget():
-    """Past HISTORY_BYTES the oldest messages of the least recently used rooms are forgotten;
-    the room written to last keeps its newest messages."""
-    text = "x" * 10000
-    bp = LocalBackplane(history_size=100, history_bytes=65536)
+    """Past HISTORY_BYTES the rooms that hold the most lose their oldest messages first: a
+    flood of large messages in other rooms leaves a room of ordinary chat, and its
+    idempotency keys, as they were."""
+    bp = LocalBackplane(history_size=100, history_bytes=2000000)
     bp.start(lambda event: None)
-    for room in ("old", "used", "new"):
-        for n in range(3):
-            bp.post(room, {"id": 1, "nick": "a"}, text, float(n))
+    for n in range(100):
+        bp.post("chat", SENDER, "hello %d" % n, float(n), "key-%08d" % n)
+    chat = held(bp)
+    for n in range(400):
+        bp.post("flood%d" % (n % 20), SENDER, "x" * 20000, float(n))
+        assert held(bp) <= 2000000
+    assert [m["id"] for m in bp.history("chat")[0]] == list(range(1, 101))
+    assert bp.post("chat", SENDER, "hello 0", 0.0, "key-00000000")[1] is False
+    floods = [bp._rooms["flood%d" % n].size for n in range(20)]
+    share = (2000000 - chat) / 20
+    assert all(share - 25000 < size <= share + 25000 for size in floods), (share, floods)
     for n in range(2000):  # rooms in use without history do not slow a trim down
         bp.enter("quiet%d" % n, {"id": 2, "nick": "b"})
         bp.history("quiet%d" % n)
-    bp.history("used")  # read again: now more recent than "new"
-    assert held(bp) > 65536 - 20000
-    for n in range(3, 5):
-        bp.post("new", {"id": 1, "nick": "a"}, text, float(n))
-        assert held(bp) <= 65536
-    assert bp.history("old")[0] == [], "the least recently used room is emptied first"
-    assert [m["id"] for m in bp.history("new")[0]][-2:] == [4, 5]
-    assert len(bp.history("used")[0]) >= 1
+    bp.post("flood0", SENDER, "x" * 20000, 0.0)
+    assert held(bp) <= 2000000
+    assert len(bp._largest) <= 2 * len(bp._rooms) + 64
 
 
 def test_a_message_bigger_than_the_budget_is_still_kept():
@@ -66,10 +74,12 @@ def test_a_message_bigger_than_the_budget_is_still_kept():
     sees it, and the room's older messages are gone."""
     bp = LocalBackplane(history_size=10, history_bytes=65536)
     bp.start(lambda event: None)
-    bp.post("r", {"id": 1, "nick": "a"}, "small", 1.0, "key-small")
-    bp.post("r", {"id": 1, "nick": "a"}, "y" * 70000, 2.0)
+    bp.post("other", SENDER, "z" * 1000, 1.0)
+    bp.post("r", SENDER, "small", 1.0, "key-small")
+    bp.post("r", SENDER, "y" * 70000, 2.0)
     assert [m["id"] for m in bp.history("r")[0]] == [2]
     assert bp._rooms["r"].find("key-small") is None
+    assert bp.history("other")[0] == []
     assert held(bp) > 65536
 
 
@@ -79,6 +89,6 @@ def test_evicted_rooms_give_their_bytes_back(monkeypatch):
     bp = LocalBackplane(history_size=10, history_bytes=1 << 20)
     bp.start(lambda event: None)
     for n in range(4):
-        bp.post("room%d" % n, {"id": 1, "nick": "a"}, "z" * 1000, 1.0)
+        bp.post("room%d" % n, SENDER, "z" * 1000, 1.0)
     assert set(bp._rooms) == {"room3"}
     assert held(bp) == bp._rooms["room3"].size
