@@ -16,6 +16,7 @@ import binascii
 import codecs
 import dataclasses
 import hashlib
+import http.client
 import logging
 import socket
 import struct
@@ -43,9 +44,9 @@ SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before th
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
-BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
-               b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-               % (len(b"Malformed HTTP request.\n"), b"Malformed HTTP request.\n"))
+MALFORMED = b"Malformed HTTP request.\n"
+BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain; "
+               b"charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(MALFORMED) + MALFORMED)
 
 
 NO_MESSAGE = object()  # receive(): a frame was handled, but it carried no message
@@ -522,6 +523,11 @@ class _Unserved:
         pass
 
 
+def _peer(address):
+    """host:port of a TCP peer, for the log (a Unix socket's address as it is)."""
+    return "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+
+
 def _tokens(header):
     return [t.strip() for t in header.split(",") if t.strip()]
 
@@ -564,11 +570,15 @@ class ChatHandler(WebSocketHandler):
             log.info("dropped an incomplete HTTP request from %s: %s", self.client_address,
                      type(ex).__name__)
             return None
-        # A malformed request is the client's doing, and common on a public port (scanners,
-        # TLS spoken to a plain-HTTP port): logged like a refused handshake, not as a server
-        # error, which gevent would do (with a traceback for more than 100 header lines).
-        detail = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
-        log.info("bad HTTP request from %s: %s", self.client_address, detail[:200])
+        if isinstance(ex, (ValueError, http.client.HTTPException)):
+            # A malformed request is the client's doing, and common on a public port
+            # (scanners, TLS spoken to a plain-HTTP port): logged like a refused handshake,
+            # not as a server error, as gevent would (with a traceback past 100 headers).
+            detail = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+            log.info("bad HTTP request from %s: %s", _peer(self.client_address), detail[:200])
+        else:
+            log.error("reading an HTTP request from %s failed", _peer(self.client_address),
+                      exc_info=ex)
         return ("400", BAD_REQUEST)
 
     def upgrade_websocket(self):
@@ -583,7 +593,7 @@ class ChatHandler(WebSocketHandler):
             return self._refuse("400 Bad Request", "WebSocket needs HTTP/1.1.")
         if not env.get("HTTP_HOST", "").strip():
             return self._refuse("400 Bad Request", "A Host header is required.")
-        if "HTTP_TRANSFER_ENCODING" in env or env.get("CONTENT_LENGTH", "0") not in ("", "0"):
+        if "HTTP_TRANSFER_ENCODING" in env or self.content_length:
             # What follows the headers is the WebSocket's first frames (RFC 6455 4.1): a
             # request body there would be read as frames, or frames read as a body.
             return self._refuse("400 Bad Request", "A WebSocket handshake has no body.")
@@ -632,8 +642,7 @@ class ChatHandler(WebSocketHandler):
         sock.settimeout(0.0)
         buffered = self.rfile.peek()  # non-blocking now: the bytes read ahead, if any
         self.socket = None  # pywsgi's request loop ends, and leaves the socket open
-        address = self.client_address
-        peer = "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+        peer = _peer(self.client_address)
         ws = HardenedWebSocket(gevent.socket.socket(fileno=sock.detach()), peer, self.policy,
                                self.subprotocol, self.sockets, buffered)
         self.websocket = ws

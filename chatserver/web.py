@@ -72,7 +72,8 @@ def create_app(hub, settings, health=None, router=None):
         body = {"status": "ok", **hub.stats()}
         if health is not None:
             body.update(health())
-        if bottle.request.query.get("verbose") and _from_this_machine(bottle.request.environ):
+        verbose = bottle.request.query.get("verbose", "0") not in ("", "0", "false")
+        if verbose and _from_this_machine(bottle.request.environ):
             # A walk of the heap: for diagnosing leaks, not for a load balancer's probe, and
             # not for anyone on the internet to make the server do on a loop.
             body["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
@@ -104,12 +105,18 @@ def create_app(hub, settings, health=None, router=None):
     return app
 
 
+PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+
+
 def _from_this_machine(environ):
-    """True for a request from a loopback address that no proxy passed on (a proxy on the
-    same machine says whom it forwards for)."""
-    if environ.get("HTTP_X_FORWARDED_FOR") or environ.get("HTTP_FORWARDED"):
+    """True for a request from a loopback address that no proxy passed on: a proxy on the
+    same machine says whom it forwards for (one that does not, and a TLS terminator that
+    forwards bare TCP, make every request look local)."""
+    if any(environ.get(name) for name in PROXY_HEADERS):
         return False
     try:
-        return ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
+        address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
     except ValueError:
         return False
+    # An IPv4 client of a server listening on "::" arrives as ::ffff:127.0.0.1.
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback

@@ -29,8 +29,9 @@ def clean_env(**extra):
 
 DEFAULTS = {
     "port": 8080, "host": "0.0.0.0", "allowed_origins": (), "max_message_size": 65536,
-    "history_size": 100, "history_bytes": 64 * 1024 * 1024, "rate_limit": 10.0, "rate_burst": 20, "max_connections": 10000,
-    "max_rooms": 50, "ping_interval": 25.0, "ping_timeout": 60.0, "outbox_size": 1024,
+    "history_size": 100, "history_bytes": 64 * 1024 * 1024, "rate_limit": 10.0,
+    "rate_burst": 20, "max_connections": 10000, "max_rooms": 50, "ping_interval": 25.0,
+    "ping_timeout": 60.0, "outbox_size": 1024,
     "presence_limit": 1000, "redis_url": "", "presence_ttl": 30.0, "log_level": "INFO",
 }
 
@@ -131,8 +132,8 @@ def test_every_setting_has_a_flag():
     s = config.load(argv, environ={})
     assert known(s) == dict(DEFAULTS, **dict(
         port=1, host="h", allowed_origins=("*",), max_message_size=125, history_size=0,
-        history_bytes=65536, rate_limit=0.0, rate_burst=1, max_connections=1, max_rooms=1, ping_interval=0.05,
-        ping_timeout=0.1, outbox_size=1, presence_limit=0, redis_url="unix:///run/redis.sock",
+        history_bytes=65536, rate_limit=0.0, rate_burst=1, max_connections=1, max_rooms=1,
+        ping_interval=0.05, ping_timeout=0.1, outbox_size=1, presence_limit=0, redis_url="unix:///run/redis.sock",
         presence_ttl=0.5, log_level="ERROR"))
 
 

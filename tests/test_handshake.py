@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from chatserver import web
 from tests.clients import RawClient
 from tests.conftest import running
 
@@ -132,7 +133,7 @@ def test_healthz_counts_connections_and_rooms(server, clients):
     wait_health(server, connections=0, rooms=0)
 
 
-@pytest.mark.parametrize("proxy_header", [None, "X-Forwarded-For", "Forwarded"])
+@pytest.mark.parametrize("proxy_header", [None, "X-Forwarded-For", "Forwarded", "X-Real-IP"])
 def test_healthz_verbose_only_for_this_machine(server, proxy_header):
     """?verbose=1 (a walk of the heap) adds a greenlet count for a request from loopback, and
     is ignored for one a proxy passed on: the internet cannot make the server walk its heap."""
@@ -145,6 +146,17 @@ def test_healthz_verbose_only_for_this_machine(server, proxy_header):
         assert "greenlets" not in got and got["status"] == "ok"
     else:
         assert got["greenlets"] > 0
+    _, _, body = http_get(server, "/healthz?verbose=0", headers)
+    assert "greenlets" not in json.loads(body)
+
+
+@pytest.mark.parametrize("address, local", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.1", False), ("::ffff:10.0.0.1", False), ("2001:db8::1", False), ("", False),
+    ("unix", False)])
+def test_what_counts_as_this_machine(address, local):
+    """Loopback in any spelling (IPv4-mapped too, for a server on "::") is this machine."""
+    assert web._from_this_machine({"REMOTE_ADDR": address}) is local
 
 
 # -- Origin -------------------------------------------------------------------------------

@@ -669,6 +669,19 @@ def test_handshake_without_host_is_refused_with_400(garbage_server):
     _assert_still_serving(garbage_server, since)
 
 
+@pytest.mark.parametrize("length", ["0", "00", " 0 "])
+def test_handshake_with_an_empty_body_is_upgraded(garbage_server, length):
+    """Content-Length: 0 (however written) is no body: the handshake is upgraded."""
+    request = (b"GET /ws HTTP/1.1\r\nHost: x\r\n" + U + K
+               + b"Content-Length: %s\r\n\r\n" % length.encode())
+    sock = socket.create_connection(("127.0.0.1", garbage_server.port), timeout=5)
+    try:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("body", [b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                                   b"Content-Length: 5\r\n\r\nhello"], ids=["chunked", "length"])
 def test_handshake_with_a_body_is_refused(garbage_server, body):
@@ -687,7 +700,7 @@ def test_malformed_requests_are_logged_as_the_clients_doing(garbage_server):
     since = len(garbage_server.lines)
     status, answer = _send_garbage(garbage_server, GARBAGE["tls-client-hello"])
     assert status == 400 and answer.endswith(b"Malformed HTTP request.\n"), answer[:200]
-    line = garbage_server.wait_for_log(r"INFO .*bad HTTP request from \('127\.0\.0\.1'")
+    line = garbage_server.wait_for_log(r"INFO .*bad HTTP request from 127\.0\.0\.1:\d+: ")
     assert "Invalid HTTP method" in line
     assert not [l for l in garbage_server.lines[since:] if " ERROR " in l]
 
