@@ -44,6 +44,7 @@ SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before th
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
+LOGGED_REQUEST_LINE = 512  # characters of a request line the access log keeps
 MALFORMED = b"Malformed HTTP request.\n"
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain; "
                b"charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(MALFORMED) + MALFORMED)
@@ -564,6 +565,16 @@ class ChatHandler(WebSocketHandler):
     def get_environ(self):
         self._deadline.close()
         return super().get_environ()
+
+    def format_request(self):
+        # The request line is the client's text, written into our log: what is not printable
+        # (a terminal's escape sequences, a carriage return that hides what came before) is
+        # escaped, and a long line cut, so one request makes one honest line (CWE-117).
+        raw = self.requestline or ""
+        shown = repr(raw[:LOGGED_REQUEST_LINE])[1:-1]
+        if len(raw) > LOGGED_REQUEST_LINE:
+            shown += "...(%d characters)" % len(raw)
+        return super().format_request().replace('"%s"' % raw, '"%s"' % shown, 1)
 
     def _handle_client_error(self, ex):
         if isinstance(ex, OSError):  # timed out or reset while sending headers: just close

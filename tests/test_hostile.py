@@ -717,6 +717,19 @@ def test_random_bytes_instead_of_a_handshake(garbage_server, data):
     assert_no_traceback(garbage_server, since)
 
 
+def test_access_log_escapes_and_cuts_request_lines(garbage_server):
+    """A request line is logged as one line of printable text: control characters (a
+    terminal's escape sequences, a carriage return) escaped, a long line cut."""
+    since = len(garbage_server.lines)
+    _send_garbage(garbage_server, b"GET /\x1b[31mred\rfake HTTP/1.1\r\nHost: x\r\n\r\n")
+    _send_garbage(garbage_server, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    garbage_server.wait_for_log(r'"GET /aaa.*\.\.\.\(8192 characters\)" 414 ')
+    escaped = garbage_server.wait_for_log(r'"GET /\\x1b\[31mred\\rfake HTTP/1\.1" 400 ')
+    new = garbage_server.lines[since:]
+    assert not [l for l in new if "\x1b" in l or "\r" in l]
+    assert max(len(l) for l in new) < 1000, escaped
+
+
 def test_garbage_server_serves_on(garbage_server):
     """After all the garbage, the shared server still upgrades and answers, with no traceback left unreported."""
     _assert_still_serving(garbage_server, len(garbage_server.lines))
