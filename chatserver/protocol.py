@@ -183,6 +183,15 @@ def peek_ref(text):
         return None
 
 
+def peek_type(text):
+    """The ``type`` a frame claims, before it is validated; None when it is not an object."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return obj.get("type") if isinstance(obj, dict) else None
+
+
 def decode(text):
     """Validate one client frame; returns a Request or raises ProtocolError."""
     try:

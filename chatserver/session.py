@@ -22,7 +22,7 @@ class Connection:
     """A chat client (plain text or ``chat.v1``) as the hub sees it, over one WebSocket."""
 
     __slots__ = ("id", "nick", "rooms", "pending", "welcomed", "dialect", "ws", "bucket",
-                 "strikes", "send", "hub")
+                 "strikes", "free_joins", "send", "hub")
 
     def __init__(self, ws, dialect, settings, hub):
         self.id = None
@@ -35,6 +35,9 @@ class Connection:
         self.hub = hub
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
         self.strikes = 0
+        # A client that reconnects rejoins all its rooms at once: MAX_ROOMS joins (the lobby
+        # among them) are not counted against the rate, so that burst is not taken for a flood.
+        self.free_joins = settings.max_rooms
         # The hub's fan-out calls send once per recipient: the socket's own method, unwrapped.
         self.send = ws.send_frame_bytes
 
@@ -43,7 +46,9 @@ class Connection:
 
     def received(self, message):
         json = self.dialect == JSON
-        if _over_rate(self):
+        if json and self.free_joins and _is_join(message):
+            self.free_joins -= 1
+        elif _over_rate(self):
             if json:
                 self.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
                                               "per second" % self.bucket.rate,
@@ -133,6 +138,12 @@ def serve(ws, hub, settings, router=None):
 def echo(ws):
     """Start an echo session (see ``Echo``)."""
     ws.run(Echo(ws))
+
+
+def _is_join(message):
+    # The substring test first: only a frame that can be a join is parsed twice.
+    return message.__class__ is str and '"join"' in message and \
+        protocol.peek_type(message) == "join"
 
 
 def _over_rate(conn):
