@@ -524,6 +524,14 @@ class _Unserved:
         pass
 
 
+def _printable(text, limit):
+    """Text from a client, fit for one log line (CWE-117): control characters, non-ASCII and
+    quotes escaped, so it can neither forge a line or a field nor drive a terminal; cut at
+    ``limit`` characters."""
+    shown = text[:limit].encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return shown + "...(cut)" if len(text) > limit else shown
+
+
 def _peer(address):
     """host:port of a TCP peer, for the log (a Unix socket's address as it is)."""
     return "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
@@ -567,14 +575,14 @@ class ChatHandler(WebSocketHandler):
         return super().get_environ()
 
     def format_request(self):
-        # The request line is the client's text, written into our log: what is not printable
-        # (a terminal's escape sequences, a carriage return that hides what came before) is
-        # escaped, and a long line cut, so one request makes one honest line (CWE-117).
-        raw = self.requestline or ""
-        shown = repr(raw[:LOGGED_REQUEST_LINE])[1:-1]
-        if len(raw) > LOGGED_REQUEST_LINE:
-            shown += "...(%d characters)" % len(raw)
-        return super().format_request().replace('"%s"' % raw, '"%s"' % shown, 1)
+        # The access log line quotes the client's request line: escaped, it cannot forge
+        # fields or lines.
+        raw = self.requestline
+        self.requestline = _printable(raw or "", LOGGED_REQUEST_LINE)
+        try:
+            return super().format_request()
+        finally:
+            self.requestline = raw
 
     def _handle_client_error(self, ex):
         if isinstance(ex, OSError):  # timed out or reset while sending headers: just close
@@ -585,8 +593,10 @@ class ChatHandler(WebSocketHandler):
             # A malformed request is the client's doing, and common on a public port
             # (scanners, TLS spoken to a plain-HTTP port): logged like a refused handshake,
             # not as a server error, as gevent would (with a traceback past 100 headers).
-            detail = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
-            log.info("bad HTTP request from %s: %s", _peer(self.client_address), detail[:200])
+            # gevent's own message quotes the client's bytes escaped (%r) already.
+            detail = getattr(ex, "formatted_message", None) or \
+                _printable(str(ex) or type(ex).__name__, 200)
+            log.info("bad HTTP request from %s: %s", _peer(self.client_address), detail[:300])
         else:
             log.error("reading an HTTP request from %s failed", _peer(self.client_address),
                       exc_info=ex)
@@ -678,8 +688,8 @@ class ChatHandler(WebSocketHandler):
 
     def _refuse(self, status, text, headers=()):
         body = (text + "\n").encode("utf-8")
-        log.info("refused WebSocket handshake from %s: %s %s", self.client_address[0]
-                 if isinstance(self.client_address, tuple) else self.client_address, status, text)
+        log.info("refused WebSocket handshake from %s: %s %s", _peer(self.client_address),
+                 status, _printable(text, 300))  # the text may quote the client's Origin
         self.start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
                                      ("Content-Length", str(len(body)))] + list(headers))
         return [body]
