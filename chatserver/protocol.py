@@ -21,6 +21,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # reorder text around it; they are refused.
 _BANNED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 _JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts need
+SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 
 
 class ProtocolError(Exception):
@@ -183,13 +184,19 @@ def peek_ref(text):
         return None
 
 
-def peek_type(text):
-    """The ``type`` a frame claims, before it is validated; None when it is not an object."""
+def join_target(text):
+    """The room a ``join`` frame asks for, before it is validated; None for any other frame,
+    and for a join bigger than SMALL_REQUEST. Cheap for the frames it rules out: only a
+    small one that contains "join" is parsed."""
+    if text.__class__ is not str or len(text) > SMALL_REQUEST or '"join"' not in text:
+        return None
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    return obj.get("type") if isinstance(obj, dict) else None
+    if isinstance(obj, dict) and obj.get("type") == "join" and isinstance(obj.get("room"), str):
+        return obj["room"]
+    return None
 
 
 def decode(text):

@@ -35,8 +35,9 @@ class Connection:
         self.hub = hub
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
         self.strikes = 0
-        # A client that reconnects rejoins all its rooms at once: MAX_ROOMS joins (the lobby
-        # among them) are not counted against the rate, so that burst is not taken for a flood.
+        # A client that reconnects rejoins all its rooms at once: that burst is not a flood.
+        # Up to MAX_ROOMS joins of rooms it is not in are not counted against the rate,
+        # until its first leave (so joining and leaving on a loop is).
         self.free_joins = settings.max_rooms
         # The hub's fan-out calls send once per recipient: the socket's own method, unwrapped.
         self.send = ws.send_frame_bytes
@@ -46,8 +47,8 @@ class Connection:
 
     def received(self, message):
         json = self.dialect == JSON
-        if json and self.free_joins and _is_join(message):
-            self.free_joins -= 1
+        if json and self.free_joins and _free_join(self, message):
+            pass
         elif _over_rate(self):
             if json:
                 self.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
@@ -76,7 +77,7 @@ class Connection:
 class WampConnection:
     """One WAMP session (``wamp.2.json``) over one WebSocket."""
 
-    __slots__ = ("ws", "router", "session", "bucket", "strikes")
+    __slots__ = ("ws", "router", "session", "bucket", "strikes", "free_subscriptions")
 
     def __init__(self, ws, router, settings):
         self.ws = ws
@@ -84,6 +85,9 @@ class WampConnection:
         self.session = wamp.Session(ws.send_frame_bytes, ws.close)
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst, time.monotonic())
         self.strikes = 0
+        # A WAMP client that reconnects subscribes again to all its topics at once, as a
+        # chat client rejoins its rooms: up to MAX_ROOMS, until its first UNSUBSCRIBE.
+        self.free_subscriptions = settings.max_rooms
 
     @property
     def id(self):
@@ -93,10 +97,19 @@ class WampConnection:
         if isinstance(message, bytes):
             self.router.handle(self.session, "binary")  # not JSON: ABORT protocol_violation
             self.ws.close()
+        elif self.free_subscriptions and wamp.is_subscribe(message):
+            self.free_subscriptions -= 1
+            self._handle(message)
         elif _over_rate(self):
             self.router.refuse(self.session, message, "chat.error.rate_limited",
                                "at most %g messages per second" % self.bucket.rate)
-        elif not self.router.handle(self.session, message):
+        else:
+            if wamp.is_unsubscribe(message):
+                self.free_subscriptions = 0
+            self._handle(message)
+
+    def _handle(self, message):
+        if not self.router.handle(self.session, message):
             self.ws.close()  # after an ABORT or GOODBYE: the session is over
 
     def ended(self):
@@ -140,10 +153,18 @@ def echo(ws):
     ws.run(Echo(ws))
 
 
-def _is_join(message):
-    # The substring test first: only a frame that can be a join is parsed twice.
-    return message.__class__ is str and '"join"' in message and \
-        protocol.peek_type(message) == "join"
+def _leave(conn, hub, room):
+    conn.free_joins = 0  # joins after a leave are not a reconnect's
+    return hub.leave(conn, room)
+
+
+def _free_join(conn, message):
+    """True (and one free join spent) for a join of a room ``conn`` is not in."""
+    room = protocol.join_target(message)
+    if room is None or room in conn.rooms:
+        return False
+    conn.free_joins -= 1
+    return True
 
 
 def _over_rate(conn):
@@ -181,7 +202,7 @@ def _pong(conn, hub, req):
 _REQUESTS = {
     "message": lambda conn, hub, req: hub.say(conn, req["room"], req["text"], req.ref),
     "join": lambda conn, hub, req: hub.join(conn, req["room"], req["since"], req["epoch"], req.ref),
-    "leave": lambda conn, hub, req: hub.leave(conn, req["room"]),
+    "leave": lambda conn, hub, req: _leave(conn, hub, req["room"]),
     "nick": lambda conn, hub, req: hub.rename(conn, req["nick"]),
     "direct": lambda conn, hub, req: hub.direct(conn, req["to"], req["text"]),
     "typing": lambda conn, hub, req: hub.typing(conn, req["room"]),

@@ -350,3 +350,20 @@ def test_decode_arbitrary_json_objects(kind, obj):
 def test_nicks_may_use_joiners(nick):
     """Emoji sequences and scripts that need zero-width joiners make valid nicks."""
     assert protocol.decode(json.dumps({"type": "nick", "nick": nick}))["nick"] == nick
+
+
+@pytest.mark.parametrize("text, room", [
+    ('{"type": "join", "room": "dev", "since": 3, "epoch": "e"}', "dev"),
+    ('{"type":"join","room":"dev"}', "dev"),
+    ('{"type": "message", "text": "x", "room": "join"}', None),
+    ('{"type": "join"}', None),
+    ('{"type": "join", "room": 5}', None),
+    ('["join"]', None),
+    ('{"type": "join", "room": "dev" ', None),
+    ('{"type": "join", "room": "dev", "pad": "%s"}' % ("x" * 2000), None),
+    (b'{"type": "join", "room": "dev"}', None),
+])
+def test_join_target_names_the_room_of_a_small_join_only(text, room):
+    """join_target: the room of a small, well-formed join frame; None for anything else."""
+    assert protocol.join_target(text) == room
+

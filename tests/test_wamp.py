@@ -8,6 +8,7 @@ import websocket
 from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.types import PublishOptions
 
+from chatserver import wamp
 from tests.wampclient import join, leave, run
 
 ROLES = {"roles": {"publisher": {}, "subscriber": {}, "caller": {}, "callee": {}}}
@@ -294,10 +295,46 @@ def test_rate_limit_applies_to_wamp(start_server):
     w.send([1, "realm1", ROLES])
     w.recv()
     for n in range(1, 5):
-        w.send([32, n, {}, "com.example.t%d" % n])
+        w.send([16, n, {"acknowledge": True}, "com.example.t%d" % n])
     replies = [w.recv() for _ in range(3)]
-    assert [r[0] for r in replies] == [33, 8, 8]
-    assert replies[1][4] == "chat.error.rate_limited"
+    assert [r[0] for r in replies] == [17, 8, 8]
+    assert replies[1][:3] == [8, 16, 2] and replies[1][4] == "chat.error.rate_limited"
+
+
+def test_resubscribing_after_a_reconnect_is_not_a_flood(start_server):
+    """A client that comes back subscribes again to all its topics at once: a session's first
+    MAX_ROOMS subscriptions are not counted against the rate; later ones are."""
+    server = start_server(env={"RATE_LIMIT": "1", "RATE_BURST": "2", "MAX_ROOMS": "30"})
+    w = RawWamp(server.port)
+    w.send([1, "realm1", ROLES])
+    w.recv()
+    for n in range(1, 33):
+        w.send([32, n, {}, "chat.room.r%d" % n])
+    replies = [w.recv() for _ in range(32)]
+    assert [r[0] for r in replies[:31]] == [33] * 31  # 30 free, 1 on the burst's last token
+    assert replies[31][:3] == [8, 32, 32] and replies[31][4] == "chat.error.rate_limited"
+
+
+def test_unsubscribing_ends_the_free_subscriptions(start_server):
+    """After an UNSUBSCRIBE, subscribing again counts against the rate: no free loop."""
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "2", "MAX_ROOMS": "30"})
+    w = RawWamp(server.port)
+    w.hello()  # one token of two
+    w.send([32, 1, {}, "chat.room.a"])  # free
+    subscription = w.recv()[2]
+    w.send([34, 2, subscription])  # the last token; no more free subscriptions
+    assert w.recv()[0] == 35
+    w.send([32, 3, {}, "chat.room.a"])
+    err = w.recv()
+    assert err[:3] == [8, 32, 3] and err[4] == "chat.error.rate_limited"
+
+
+@pytest.mark.parametrize("text, subscribe", [
+    ('[32,1,{},"chat.room.a"]', True), ('[34,2,5]', False), ('[320,1]', False),
+    ('[32,1,{},"%s"]' % ("x" * 2000), False)])
+def test_what_counts_as_a_subscribe(text, subscribe):
+    """Only a small frame that starts as a SUBSCRIBE may be a free one."""
+    assert wamp.is_subscribe(text) is subscribe
 
 
 def test_shutdown_closes_wamp_sessions_with_1001(start_server):
@@ -330,7 +367,6 @@ def test_silent_wamp_peer_is_dropped(start_server):
 
 def test_per_session_limits(start_server):
     """A session may hold only so many subscriptions: beyond that, ERROR chat.error.limit_exceeded."""
-    from chatserver import wamp
     server = start_server(env={"RATE_LIMIT": "0"})
     w = RawWamp(server.port)
     w.hello()
