@@ -23,6 +23,7 @@ export const TYPING_MS = 5000; // how long "is typing" lasts after the last noti
 const ENTRIES_MAX = 1000; // entries kept per conversation, oldest dropped first
 const REFS_KEPT = 300; // our own refs remembered across reloads, to mark our messages
 const LAST = Number.MAX_SAFE_INTEGER; // sorts pending messages after everything stored
+const RATE_PAUSE_MS = 1500; // after a rate_limited answer, wait this long before resending
 
 /** The WebSocket URL of the page's own server: ws: for http pages, wss: for https. */
 export function chatUrl(loc) {
@@ -142,6 +143,7 @@ export class ChatClient extends EventTarget {
     this.pingSentAt = 0;
     this.retryTimer = null;
     this.tickTimer = null;
+    this.resendTimer = null;
 
     this.#room(LOBBY);
     this.#restore();
@@ -312,7 +314,8 @@ export class ChatClient extends EventTarget {
   #clearTimers() {
     this.timers.clearTimeout(this.retryTimer);
     this.timers.clearInterval(this.tickTimer);
-    this.retryTimer = this.tickTimer = null;
+    this.timers.clearTimeout(this.resendTimer);
+    this.retryTimer = this.tickTimer = this.resendTimer = null;
   }
 
   /** Every few seconds while open: ping when idle, give up on a socket that does not answer
@@ -620,8 +623,11 @@ export class ChatClient extends EventTarget {
     const text = String(msg.message || code);
     const entry = ref && this.pending.get(ref);
     if (entry) {
-      if (code === "unavailable" && entry.kind === "message") {
-        entry.sentOn = null; // not stored: the next tick sends it again
+      if ((code === "unavailable" || code === "rate_limited") && entry.kind === "message") {
+        // Not stored: sent again with its ref, on the next tick or, when we sent too fast,
+        // after a pause.
+        entry.sentOn = null;
+        if (code === "rate_limited") this.#resendLater();
         return;
       }
       this.pending.delete(ref);
@@ -632,12 +638,10 @@ export class ChatClient extends EventTarget {
       return;
     }
     if (code === "rate_limited") {
-      // The server does not say which request it dropped; resend whatever is unconfirmed
-      // (the refs make that safe) once the limit lets us.
-      this.timers.setTimeout(() => {
-        for (const e of this.pending.values()) if (e.kind === "message") e.sentOn = null;
-        this.#flush();
-      }, 1500);
+      // A request we do not track (or a server that does not name it): resend whatever is
+      // unconfirmed (the refs make that safe) once the limit lets us.
+      for (const e of this.pending.values()) if (e.kind === "message") e.sentOn = null;
+      this.#resendLater();
     }
     let about = "other";
     if (ref && ref.startsWith("join:")) {
@@ -652,6 +656,15 @@ export class ChatClient extends EventTarget {
   }
 
   // -- helpers -----------------------------------------------------------------------------
+
+  /** One flush after RATE_PAUSE_MS, however many rate_limited answers asked for it. */
+  #resendLater() {
+    if (this.resendTimer !== null) return;
+    this.resendTimer = this.timers.setTimeout(() => {
+      this.resendTimer = null;
+      this.#flush();
+    }, RATE_PAUSE_MS);
+  }
 
   /** Send every unconfirmed room message not yet sent on this connection, oldest first. */
   #flush() {

@@ -436,7 +436,8 @@ CLIENT_UNIT = open(os.path.join(os.path.dirname(__file__), "page_helpers", "clie
 
 def test_protocol_client_on_its_own(server, browser):
     """client.js without the page: backoff with jitter, the URL, resend with the same ref,
-    recovery with since/epoch, dedupe across a server restart, dead-socket detection."""
+    recovery with since/epoch, dedupe across a server restart, dead-socket detection, and a
+    message refused as over the rate limit sent again after a pause."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -460,3 +461,4 @@ def test_protocol_client_on_its_own(server, browser):
                                    "new three:sent"]
     assert out["reconnects"] == 3 and out["pendingLeft"] == 0
     assert out["heartbeat"] == {"pinged": True, "closed": True, "sockets": 2}
+    assert out["rateLimited"]["status"] == "pending" and out["rateLimited"]["resent"] == 2

@@ -71,5 +71,19 @@ async () => {
   out.heartbeat = { pinged: silent.sent.some((f) => f.type === "ping"), closed: !!silent.closed,
                     sockets: sockets.length - before };
   quiet.stop();
+
+  // A message the server refused as over the rate limit stays pending and is sent again,
+  // with its ref, after a pause; it is not shown as failed.
+  const eager = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  eager.start();
+  const limited = sockets.at(-1);
+  limited.deliver(welcome(8, "r1", []));
+  const tooFast = eager.send("lobby", "too fast");
+  const sentRef = limited.sent.at(-1).ref;
+  limited.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: sentRef });
+  out.rateLimited = { status: tooFast.status };
+  for (let i = 0; i < 60 && limited.sent.filter((f) => f.ref === sentRef).length < 2; i++) await wait(50);
+  out.rateLimited.resent = limited.sent.filter((f) => f.ref === sentRef).length;
+  eager.stop();
   return out;
 }
