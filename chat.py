@@ -44,8 +44,7 @@ def main(argv=None):
         paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
         subprotocols=("chat.v1", wamp.SUBPROTOCOL),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
-        outbox_size=settings.outbox_size, outbox_bytes=settings.outbox_bytes,
-        is_full=lambda: len(sockets) >= settings.max_connections)
+        outbox_size=settings.outbox_size, is_full=lambda: len(sockets) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,
                         handler_class=transport.ChatHandler.configured(policy, sockets),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))

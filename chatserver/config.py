@@ -107,9 +107,6 @@ SETTINGS = (
     ("PING_INTERVAL", "25", _float(0.05), "seconds between the server's keepalive pings"),
     ("PING_TIMEOUT", "60", _float(0.1), "seconds of silence (not even a pong) before a peer is dropped"),
     ("OUTBOX_SIZE", "1024", _int(1), "frames queued for a slow client before it is closed with 1008"),
-    ("OUTBOX_BYTES", "8388608", _int(65536),
-     "bytes queued for a slow client before it is closed with 1008 (8 MiB); one larger frame "
-     "alone is still sent"),
     ("PRESENCE_LIMIT", "1000", _int(0),
      "rooms bigger than this send no join/leave/nick notices and cap member lists"),
     ("REDIS_URL", "", _redis_url,
@@ -140,7 +137,6 @@ class Settings:
     ping_interval: float
     ping_timeout: float
     outbox_size: int
-    outbox_bytes: int
     presence_limit: int
     redis_url: str
     presence_ttl: float

@@ -65,7 +65,6 @@ class Policy:
     allowed_origins: tuple = ()
     max_message_size: int = 65536
     outbox_size: int = 1024
-    outbox_bytes: int = 8 * 1024 * 1024
     is_full: object = staticmethod(lambda: False)
 
 
@@ -82,8 +81,7 @@ class HardenedWebSocket(WebSocket):
     for a writer greenlet that exists only while the peer is behind.
     """
 
-    __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "outbox_bytes",
-                 "_queued", "last_seen",
+    __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
@@ -97,7 +95,6 @@ class HardenedWebSocket(WebSocket):
         self.peer = peer
         self.max_size = policy.max_message_size
         self.outbox_limit = policy.outbox_size
-        self.outbox_bytes = policy.outbox_bytes
         self.last_seen = self._turn = time.monotonic()
         self.close_code = None  # what we sent, or what the peer sent first
         self.close_reason = ""
@@ -110,7 +107,6 @@ class HardenedWebSocket(WebSocket):
         self._registry = registry
         registry.add(self)
         self._outbox = None  # a deque of what the socket refused, while a writer drains it
-        self._queued = 0  # the bytes in it
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
         try:
@@ -362,20 +358,11 @@ class HardenedWebSocket(WebSocket):
             else:
                 self._cork = [cork, data]
             return True
-        if self._over(len(data)) and self.close_code is None:  # our close frame always goes
+        if len(self._outbox) >= self.outbox_limit:
             self._slow_consumer()
             return False
         self._outbox.append(data)
-        self._queued += len(data)
         return True
-
-    def _over(self, size):
-        """True when one more frame of ``size`` bytes would be more than the outbox may hold:
-        OUTBOX_SIZE frames, or OUTBOX_BYTES (a single frame, however large, is let through:
-        a join's answer carries the room's history)."""
-        outbox = self._outbox
-        return len(outbox) >= self.outbox_limit or \
-            (outbox and self._queued + size > self.outbox_bytes)
 
     def _uncork(self):
         """Write the corked frames in one non-blocking send; queue what the socket refused
@@ -399,17 +386,15 @@ class HardenedWebSocket(WebSocket):
         # The peer is behind: queue the frames it did not take, the first perhaps in part,
         # so that the outbox counts frames as if each had been written on its own.
         outbox = self._outbox = deque()
-        self._queued = 0
         for frame in cork:
             if sent >= len(frame):
                 sent -= len(frame)
                 continue
-            if self._over(len(frame) - sent):
+            if len(outbox) >= self.outbox_limit:
                 self._writer = gevent.spawn(self._drain)  # it writes the close frame
                 self._slow_consumer()
                 return
             outbox.append(memoryview(frame)[sent:] if sent else frame)
-            self._queued += len(frame) - sent
             sent = 0
         self._writer = gevent.spawn(self._drain)
 
@@ -422,27 +407,21 @@ class HardenedWebSocket(WebSocket):
                     item = outbox.popleft()
                     batch.append(item)
                     size += len(item)
-                self._queued -= size
                 self.sock.sendall(b"".join(batch) if len(batch) > 1 else batch[0])
         except OSError:
             self.abort()
         finally:
             # Caught up (or dead): back to direct writes, and no outbox kept while idle.
             self._writer = self._outbox = None
-            self._queued = 0
 
     def _slow_consumer(self):
-        log.warning("closing a slow consumer: %d frames, %d bytes queued (OUTBOX_SIZE %d, "
-                    "OUTBOX_BYTES %d)", len(self._outbox), self._queued, self.outbox_limit,
-                    self.outbox_bytes)
+        log.warning("closing a slow consumer: %d frames queued (OUTBOX_SIZE)", len(self._outbox))
         outbox = self._outbox
         # A frame the socket took in part must be finished before the close frame.
         head = outbox[0] if outbox and isinstance(outbox[0], memoryview) else None
         outbox.clear()
-        self._queued = 0
         if head is not None:
             outbox.append(head)
-            self._queued = len(head)
         self.close(frames.POLICY, "slow consumer: too many frames queued", wait=SLOW_CLOSE_WAIT)
 
     def flush(self, timeout):
@@ -486,7 +465,6 @@ class HardenedWebSocket(WebSocket):
         self.dead = self.closed = True
         if self._outbox is not None:
             self._outbox.clear()
-            self._queued = 0
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
