@@ -390,7 +390,9 @@ class HardenedWebSocket(WebSocket):
             if sent >= len(frame):
                 sent -= len(frame)
                 continue
-            if len(outbox) >= self.outbox_limit:
+            if len(outbox) >= self.outbox_limit and self.close_code is None:
+                # (Once our close frame is given, it is the cork's last frame: all of it is
+                # queued, at most CORK_FRAMES frames, or the close frame would be lost.)
                 self._writer = gevent.spawn(self._drain)  # it writes the close frame
                 self._slow_consumer()
                 return

@@ -6,9 +6,12 @@ import struct
 import threading
 import time
 
+import gevent
+import gevent.socket
 import pytest
 import websocket
 
+from chatserver import frames, transport
 from tests.clients import ConnectionClosed, frame_bytes
 from tests.conftest import running
 
@@ -361,6 +364,33 @@ def test_slow_consumer_is_dropped_while_others_get_everything(start_server, clie
     assert reader.recv(timeout=10) == "Client %d disconnected." % slow_id
     assert server.health()["connections"] == 2
     server.wait_for_log(r"Connection %d closed \(1008\)" % slow_id)
+
+
+def test_close_frame_after_frames_the_peer_has_not_taken_is_not_lost():
+    """Our close frame, given in the same turn as frames a slow peer has not taken, reaches it
+    after them, even when they alone fill OUTBOX_SIZE."""
+    ours, theirs = socket.socketpair()
+    for s in (ours, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ws = transport.HardenedWebSocket(gevent.socket.socket(fileno=ours.detach()), "peer",
+                                     transport.Policy(outbox_size=1), None, set())
+    for _ in range(3):
+        ws.send_frame_bytes(frames.frame(frames.OP_BINARY, b"x" * 40000))
+    ws.close(frames.POLICY, "going")
+    gevent.sleep(0)  # the turn ends: the cork is written, and the rest queued
+    got = b""
+    theirs.settimeout(5)
+    with gevent.Timeout(10):
+        while not got.endswith(frames.frame(frames.OP_CLOSE, frames.close_payload(1008, "going"))):
+            chunk = theirs.recv(65536)  # a real blocking read: the writer runs in our thread
+            assert chunk, "EOF after %d bytes, no close frame" % len(got)
+            got += chunk
+            gevent.sleep(0.01)
+    assert len(got) == 3 * (40000 + 4) + len(frames.frame(frames.OP_CLOSE,
+                                                            frames.close_payload(1008, "going")))
+    ws.abort()
+    theirs.close()
 
 
 # -- flood --------------------------------------------------------------------------------
