@@ -529,9 +529,11 @@ class _Unserved:
 def _printable(text, limit):
     """Text from a client, fit for one log line (CWE-117): control characters, non-ASCII and
     quotes escaped, so it can neither forge a line or a field nor drive a terminal; cut at
-    ``limit`` characters."""
+    ``limit`` characters once escaped."""
     shown = text[:limit].encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return shown + "...(cut)" if len(text) > limit else shown
+    if len(shown) <= limit and len(text) <= limit:
+        return shown
+    return shown[:limit] + "...(cut: %d characters)" % len(text)
 
 
 def _peer(address):
