@@ -144,6 +144,7 @@ export class ChatClient extends EventTarget {
     this.retryTimer = null;
     this.tickTimer = null;
     this.resendTimer = null;
+    this.held = new Set(); // messages refused as rate_limited, waiting for resendTimer
 
     this.#room(LOBBY);
     this.#restore();
@@ -316,6 +317,7 @@ export class ChatClient extends EventTarget {
     this.timers.clearInterval(this.tickTimer);
     this.timers.clearTimeout(this.resendTimer);
     this.retryTimer = this.tickTimer = this.resendTimer = null;
+    this.held.clear(); // the next connection sends them anyway
   }
 
   /** Every few seconds while open: ping when idle, give up on a socket that does not answer
@@ -623,11 +625,12 @@ export class ChatClient extends EventTarget {
     const text = String(msg.message || code);
     const entry = ref && this.pending.get(ref);
     if (entry) {
-      if ((code === "unavailable" || code === "rate_limited") && entry.kind === "message") {
-        // Not stored: sent again with its ref, on the next tick or, when we sent too fast,
-        // after a pause.
-        entry.sentOn = null;
-        if (code === "rate_limited") this.#resendLater();
+      if (code === "unavailable" && entry.kind === "message") {
+        entry.sentOn = null; // not stored: the next tick sends it again
+        return;
+      }
+      if (code === "rate_limited" && entry.kind === "message") {
+        this.#resendLater([entry]); // we sent too fast: again, with its ref, after a pause
         return;
       }
       this.pending.delete(ref);
@@ -637,11 +640,21 @@ export class ChatClient extends EventTarget {
       this.#emit("entries", { key: entry.room, added: [] });
       return;
     }
+    const joining = ref && ref.startsWith("join:") ? this.conversations.get(ref.slice(5)) : null;
+    if (code === "rate_limited" && joining) {
+      // Joins asked too fast (a reconnect with many rooms): ask again after a pause.
+      this.timers.setTimeout(() => {
+        // (The lobby's join after a reconnect is how it catches up: asked again too.)
+        if (this.connected && (joining.state === "joining" || joining.key === LOBBY)) {
+          this.#sendJoin(joining);
+        }
+      }, RATE_PAUSE_MS);
+      return;
+    }
     if (code === "rate_limited") {
       // A request we do not track (or a server that does not name it): resend whatever is
       // unconfirmed (the refs make that safe) once the limit lets us.
-      for (const e of this.pending.values()) if (e.kind === "message") e.sentOn = null;
-      this.#resendLater();
+      this.#resendLater([...this.pending.values()].filter((e) => e.kind === "message"));
     }
     let about = "other";
     if (ref && ref.startsWith("join:")) {
@@ -657,11 +670,15 @@ export class ChatClient extends EventTarget {
 
   // -- helpers -----------------------------------------------------------------------------
 
-  /** One flush after RATE_PAUSE_MS, however many rate_limited answers asked for it. */
-  #resendLater() {
+  /** Send `entries` again after RATE_PAUSE_MS, not before (whatever flushes meanwhile): one
+   * timer however many rate_limited answers ask for it. */
+  #resendLater(entries) {
+    for (const entry of entries) this.held.add(entry);
     if (this.resendTimer !== null) return;
     this.resendTimer = this.timers.setTimeout(() => {
       this.resendTimer = null;
+      for (const entry of this.held) entry.sentOn = null;
+      this.held.clear();
       this.#flush();
     }, RATE_PAUSE_MS);
   }

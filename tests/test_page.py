@@ -461,4 +461,5 @@ def test_protocol_client_on_its_own(server, browser):
                                    "new three:sent"]
     assert out["reconnects"] == 3 and out["pendingLeft"] == 0
     assert out["heartbeat"] == {"pinged": True, "closed": True, "sockets": 2}
-    assert out["rateLimited"]["status"] == "pending" and out["rateLimited"]["resent"] == 2
+    assert out["rateLimited"] == {"status": "pending", "sendsBeforePause": 1, "sends": 2,
+                                  "joinKept": True, "joins": 2}

@@ -81,9 +81,18 @@ async () => {
   const tooFast = eager.send("lobby", "too fast");
   const sentRef = limited.sent.at(-1).ref;
   limited.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: sentRef });
-  out.rateLimited = { status: tooFast.status };
-  for (let i = 0; i < 60 && limited.sent.filter((f) => f.ref === sentRef).length < 2; i++) await wait(50);
-  out.rateLimited.resent = limited.sent.filter((f) => f.ref === sentRef).length;
+  const sends = () => limited.sent.filter((f) => f.ref === sentRef).length;
+  eager.send("lobby", "next one");  // flushes: the refused one waits for the pause
+  out.rateLimited = { status: tooFast.status, sendsBeforePause: sends() };
+  for (let i = 0; i < 60 && sends() < 2; i++) await wait(50);
+  out.rateLimited.sends = sends();
+  // A join refused as too fast is asked again after the pause; the room is kept.
+  eager.join("dev");
+  limited.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "join:dev" });
+  const joins = () => limited.sent.filter((f) => f.type === "join" && f.room === "dev").length;
+  for (let i = 0; i < 60 && joins() < 2; i++) await wait(50);
+  out.rateLimited.joinKept = eager.conversations.has("dev");
+  out.rateLimited.joins = joins();
   eager.stop();
   return out;
 }
