@@ -43,6 +43,7 @@ CLOSE_WAIT = 2.0  # seconds to wait for the peer's close frame after ours
 SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before the socket goes
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
+READ_PAUSE = 1024 * 1024  # bytes queued for a peer past which its requests wait (backpressure)
 HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
 LOGGED_REQUEST_LINE = 512  # characters of a request line the access log keeps
 MALFORMED = b"Malformed HTTP request.\n"
@@ -82,7 +83,8 @@ class HardenedWebSocket(WebSocket):
     """
 
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
-                 "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv",
+                 "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv", "_queued",
+                 "_paused",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
 
@@ -107,6 +109,8 @@ class HardenedWebSocket(WebSocket):
         self._registry = registry
         registry.add(self)
         self._outbox = None  # a deque of what the socket refused, while a writer drains it
+        self._queued = 0  # the bytes in it
+        self._paused = False  # reading waits for the writer to catch up (READ_PAUSE)
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
         try:
@@ -136,6 +140,12 @@ class HardenedWebSocket(WebSocket):
         self._turn = time.monotonic()  # this reader's share of the loop starts now
         try:
             while self._ready():
+                if self._backlogged():
+                    # The peer is far behind: its requests (a join's answer carries a room's
+                    # whole history) wait until it has read what it was sent, so one that
+                    # never reads cannot make us queue without end. The writer resumes us.
+                    self._paused = True
+                    return
                 message = self.receive()
                 if message is None:
                     break
@@ -152,6 +162,15 @@ class HardenedWebSocket(WebSocket):
             self._end(flush=False)
             raise
         self._end()
+
+    def _backlogged(self):
+        """True when more than READ_PAUSE bytes wait for the peer in the writer's outbox
+        (frames held for this turn are written first if they alone are that many)."""
+        cork = self._cork
+        if cork is not None and (sum(map(len, cork)) if cork.__class__ is list
+                                 else len(cork)) > READ_PAUSE:
+            self._uncork()
+        return self._writer is not None and self._queued > READ_PAUSE
 
     def _wake(self):
         # Called by the event loop, which must not block: a reader greenlet takes over at
@@ -362,6 +381,7 @@ class HardenedWebSocket(WebSocket):
             self._slow_consumer()
             return False
         self._outbox.append(data)
+        self._queued += len(data)
         return True
 
     def _uncork(self):
@@ -386,6 +406,7 @@ class HardenedWebSocket(WebSocket):
         # The peer is behind: queue the frames it did not take, the first perhaps in part,
         # so that the outbox counts frames as if each had been written on its own.
         outbox = self._outbox = deque()
+        self._queued = 0
         for frame in cork:
             if sent >= len(frame):
                 sent -= len(frame)
@@ -397,6 +418,7 @@ class HardenedWebSocket(WebSocket):
                 self._slow_consumer()
                 return
             outbox.append(memoryview(frame)[sent:] if sent else frame)
+            self._queued += len(frame) - sent
             sent = 0
         self._writer = gevent.spawn(self._drain)
 
@@ -409,12 +431,19 @@ class HardenedWebSocket(WebSocket):
                     item = outbox.popleft()
                     batch.append(item)
                     size += len(item)
+                self._queued -= size
                 self.sock.sendall(b"".join(batch) if len(batch) > 1 else batch[0])
         except OSError:
             self.abort()
         finally:
             # Caught up (or dead): back to direct writes, and no outbox kept while idle.
             self._writer = self._outbox = None
+            self._queued = 0
+            if self._paused:
+                # Requests may wait in our buffer, not only on the socket: the loop hands
+                # us to a reader as it would on new bytes (the writer cannot switch to it).
+                self._paused = False
+                gevent.get_hub().loop.run_callback(self._wake)
 
     def _slow_consumer(self):
         log.warning("closing a slow consumer: %d frames queued (OUTBOX_SIZE)", len(self._outbox))
@@ -422,8 +451,10 @@ class HardenedWebSocket(WebSocket):
         # A frame the socket took in part must be finished before the close frame.
         head = outbox[0] if outbox and isinstance(outbox[0], memoryview) else None
         outbox.clear()
+        self._queued = 0
         if head is not None:
             outbox.append(head)
+            self._queued = len(head)
         self.close(frames.POLICY, "slow consumer: too many frames queued", wait=SLOW_CLOSE_WAIT)
 
     def flush(self, timeout):
@@ -467,6 +498,7 @@ class HardenedWebSocket(WebSocket):
         self.dead = self.closed = True
         if self._outbox is not None:
             self._outbox.clear()
+            self._queued = 0
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -392,6 +392,42 @@ def test_request_trickled_byte_by_byte_is_dropped_after_http_timeout(start_serve
 
 # -- a client that never reads ----------------------------------------------------------------
 
+def test_requests_of_a_client_that_does_not_read_wait_and_lose_nothing(start_server, clients):
+    """A client that asks for a room's 1 MB history again and again without reading does not
+    make the server queue it all: its requests wait while over 1 MiB waits for it, and once it
+    reads, every one is answered, in order."""
+    server = start_server(env={"RATE_LIMIT": "0", "HISTORY_SIZE": "20",
+                               "MALLOC_MMAP_THRESHOLD_": "32768"})
+    writer = clients.json(server)
+    for n in range(20):
+        writer.send(type="message", text="%02d %s" % (n, "x" * 50000))
+        writer.wait("ack")
+    base = rss_mb(server)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(handshake_request(server.port, extra="Sec-WebSocket-Protocol: chat.v1\r\n"))
+        buf = read_upgrade(sock)
+        asks = 100  # 100 MB of answers
+        sock.sendall(b"".join(frame_bytes(OP_TEXT, json.dumps(
+            {"type": "join", "room": "lobby", "ref": "ask-%d" % n}).encode()) for n in range(asks)))
+        time.sleep(1.0)
+        assert rss_mb(server) - base < 40, "the server queued %.0f MiB" % (rss_mb(server) - base)
+        refs = []
+        while len(refs) < asks:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed after %d answers" % len(refs)
+            frames, buf = parse_frames(buf + chunk)
+            refs += [json.loads(p)["ref"] for op, p in frames
+                     if op == OP_TEXT and json.loads(p)["type"] == "joined"]
+        assert refs == ["ask-%d" % n for n in range(asks)]
+    finally:
+        sock.close()
+    assert_no_traceback(server, 0)
+
+
 def test_client_that_never_reads_is_closed_its_queue_freed_and_latency_elsewhere_flat(start_server, clients):
     """A client that never reads is closed with 1008, its ~60 MiB queue is freed, and ping latency elsewhere stays flat."""
     # OUTBOX_SIZE is the default 1024 frames. Frames of 60 KB would come from glibc's heap,
