@@ -43,9 +43,10 @@ class LocalBackplane:
         self.history_bytes = history_bytes  # the budget of all rooms' history together
         self._held = 0  # what their history holds now (``rooms.message_cost``)
         # A heap of (-size, name): each room with history at its current size, so the one
-        # that holds the most is found at once; entries for older sizes are skipped.
+        # that holds the most is found at once; entries for older sizes are skipped. Kept
+        # from the first time history reaches the budget (most servers never pay for it).
         self._largest = []
-        self._budget_met = False  # logged once, when history first reaches the budget
+        self._budget_met = False
         self._ids = itertools.count(1)
         self._rooms = collections.OrderedDict()  # name -> Room, least recently used first
         self._presence = {}  # name -> {id: {id, nick}}
@@ -118,7 +119,8 @@ class LocalBackplane:
         held = r.size
         message = r.append(sender, text, ts, ref)
         self._held += r.size - held
-        self._note_size(r)
+        if self._budget_met:
+            self._note_size(r)
         if self._held > self.history_bytes:
             self._trim(r)
         self._deliver({"k": "msg", "message": message})
@@ -174,6 +176,7 @@ class LocalBackplane:
             self._budget_met = True
             log.info("history reached HISTORY_BYTES (%d bytes): the oldest messages of the "
                      "rooms that hold the most are forgotten from now on", self.history_bytes)
+            self._rebuild()
         spared = None
         while self._held > self.history_bytes and self._largest:
             entry = heapq.heappop(self._largest)
@@ -192,9 +195,11 @@ class LocalBackplane:
         if room.history:
             heapq.heappush(self._largest, (-room.size, room.name))
         if len(self._largest) > 2 * len(self._rooms) + 64:
-            # Entries for older sizes pile up: start again from the rooms as they are.
-            self._largest = [(-r.size, n) for n, r in self._rooms.items() if r.history]
-            heapq.heapify(self._largest)
+            self._rebuild()  # entries for older sizes pile up
+
+    def _rebuild(self):
+        self._largest = [(-r.size, n) for n, r in self._rooms.items() if r.history]
+        heapq.heapify(self._largest)
 
 
 EMPTY_ROOMS_KEPT = 1000
