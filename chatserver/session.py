@@ -47,9 +47,8 @@ class Connection:
 
     def received(self, message):
         json = self.dialect == JSON
-        if json and self.free_joins and _free_join(self, message):
-            pass
-        elif _over_rate(self):
+        free = json and self.free_joins and _free_join(self, message)
+        if not free and _over_rate(self):
             if json:
                 self.send_json(protocol.error("rate_limited", "slow down: at most %g messages "
                                               "per second" % self.bucket.rate,

@@ -38,15 +38,6 @@ ROOM_TOPIC = "chat.room."
 MAX_PER_SESSION = 1000
 LIMIT = "chat.error.limit_exceeded"
 MAX_ID = 2 ** 53
-
-
-def is_subscribe(text):
-    """True for a small frame that claims to be a SUBSCRIBE (the router validates it)."""
-    return len(text) <= protocol.SMALL_REQUEST and text.startswith("[%d," % SUBSCRIBE)
-
-
-def is_unsubscribe(text):
-    return text.startswith("[%d," % UNSUBSCRIBE)
 # Loose URIs, as the specification's "relaxed" rule: dot-separated components without
 # whitespace, '#' or empty parts.
 _URI = re.compile(r"[^\s.#]+(\.[^\s.#]+)*\Z")
@@ -61,6 +52,15 @@ def new_id():
 
 def valid_uri(uri):
     return isinstance(uri, str) and len(uri) <= 255 and _URI.match(uri) is not None
+
+
+def is_subscribe(text):
+    """True for a small frame that claims to be a SUBSCRIBE (the router validates it)."""
+    return len(text) <= protocol.SMALL_REQUEST and text.startswith("[%d," % SUBSCRIBE)
+
+
+def is_unsubscribe(text):
+    return text.startswith("[%d," % UNSUBSCRIBE)
 
 
 class Violation(Exception):
