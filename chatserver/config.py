@@ -105,7 +105,7 @@ SETTINGS = (
     ("MAX_CONNECTIONS", "10000", _int(1), "open WebSocket connections per process"),
     ("MAX_ROOMS", "50", _int(1), "rooms one connection may be in at once"),
     ("PING_INTERVAL", "25", _float(0.05), "seconds between the server's keepalive pings"),
-    ("PING_TIMEOUT", "60", _float(0.1), "seconds of silence (not even a pong) before a peer is dropped"),
+    ("PING_TIMEOUT", "60", _float(0.1), "seconds a peer may neither send (not even a pong) nor read before it is dropped"),
     ("OUTBOX_SIZE", "1024", _int(1), "frames queued for a slow client before it is closed with 1008"),
     ("PRESENCE_LIMIT", "1000", _int(0),
      "rooms bigger than this send no join/leave/nick notices and cap member lists"),

@@ -211,17 +211,18 @@ _REQUESTS = {
 
 def keepalive(sockets, interval, timeout):
     """Forever: ping every WebSocket in ``sockets()`` each ``interval`` seconds and drop the
-    ones whose peer sent nothing at all (not even a pong) for ``timeout`` seconds. One
-    greenlet for all connections, whatever their dialect."""
+    ones whose peer sent nothing at all (not even a pong) and read nothing we sent for
+    ``timeout`` seconds (``quiet_for``). One greenlet for all connections, whatever their
+    dialect."""
     ping = frames.frame(frames.OP_PING, b"")
     while True:
         gevent.sleep(interval)
         now = time.monotonic()
         try:
             for ws in sockets():
-                if now - ws.last_seen > timeout:
-                    log.info("dropping the connection from %s: silent for %.0f s", ws.peer,
-                             now - ws.last_seen)
+                quiet = ws.quiet_for(now)
+                if quiet > timeout:
+                    log.info("dropping the connection from %s: silent for %.0f s", ws.peer, quiet)
                     ws.abort()
                 else:
                     ws.send_frame_bytes(ping)

@@ -15,11 +15,13 @@ import base64
 import binascii
 import codecs
 import dataclasses
+import fcntl
 import hashlib
 import http.client
 import logging
 import socket
 import struct
+import termios
 import time
 from collections import deque
 
@@ -84,7 +86,7 @@ class HardenedWebSocket(WebSocket):
 
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv", "_queued",
-                 "_paused",
+                 "_paused", "_unacked", "_swept",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
 
@@ -111,6 +113,8 @@ class HardenedWebSocket(WebSocket):
         self._outbox = None  # a deque of what the socket refused, while a writer drains it
         self._queued = 0  # the bytes in it
         self._paused = False  # reading waits for the writer to catch up (READ_PAUSE)
+        self._unacked = 0  # bytes the peer had not acknowledged at the last sweep (quiet_for)
+        self._swept = self.last_seen  # when keepalive last asked quiet_for
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
         try:
@@ -195,6 +199,29 @@ class HardenedWebSocket(WebSocket):
         except OSError:
             pass  # receive() meets it again and ends the connection
         return True
+
+    def quiet_for(self, now):
+        """Seconds since the peer last showed it is alive; keepalive asks once a sweep.
+
+        A sign of life is a frame from it (a pong, say), or that it read some of what we sent:
+        a peer far behind is slow, not gone, though its pongs reach us late (they wait behind
+        its requests, see READ_PAUSE, and it reads them late). The writer sees the socket take
+        bytes; for a peer not heard from since the last sweep, the kernel's count of bytes it
+        has not acknowledged (SIOCOUTQ, Linux) going down shows it too.
+        """
+        if self.last_seen < self._swept:
+            try:
+                unacked = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ,
+                                                         b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                unacked = self._unacked  # closed meanwhile: no news
+            if unacked < self._unacked:
+                self.last_seen = now
+            self._unacked = unacked
+        else:
+            self._unacked = 0  # heard from: the next silent sweep takes a new reading
+        self._swept = now
+        return now - self.last_seen
 
     def _end(self, flush=True):
         try:
@@ -432,7 +459,10 @@ class HardenedWebSocket(WebSocket):
                     batch.append(item)
                     size += len(item)
                 self._queued -= size
-                self.sock.sendall(b"".join(batch) if len(batch) > 1 else batch[0])
+                data = memoryview(b"".join(batch) if len(batch) > 1 else batch[0])
+                while data:
+                    data = data[self.sock.send(data, timeout=None):]  # waits, unlike ours
+                    self.last_seen = time.monotonic()  # it reads: see quiet_for
         except OSError:
             self.abort()
         finally:

@@ -428,6 +428,53 @@ def test_requests_of_a_client_that_does_not_read_wait_and_lose_nothing(start_ser
     assert_no_traceback(server, 0)
 
 
+def test_client_slowly_reading_paused_answers_is_kept_and_one_that_stops_is_dropped(start_server, clients):
+    """While a client's requests wait for it to read (backpressure), its pongs wait too: one
+    that keeps reading, however slowly, is not dropped as silent and gets every answer; one
+    that reads nothing is dropped after PING_TIMEOUT all the same."""
+    server = start_server(env={"RATE_LIMIT": "0", "HISTORY_SIZE": "20",
+                               "PING_INTERVAL": "0.3", "PING_TIMEOUT": "1.5"})
+    writer = clients.json(server)
+    for n in range(20):
+        writer.send(type="message", text="%02d %s" % (n, "x" * 50000))
+        writer.wait("ack")
+    writer.close()  # it would not answer pings either
+    asks = 10  # 10 MB of answers, read at about 2 MB/s: longer than PING_TIMEOUT
+    socks = []
+    for rcvbuf in (65536, 4096):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(handshake_request(server.port, extra="Sec-WebSocket-Protocol: chat.v1\r\n"))
+        buf = read_upgrade(sock)
+        sock.sendall(b"".join(frame_bytes(OP_TEXT, json.dumps(
+            {"type": "join", "room": "lobby", "ref": "ask-%d" % n}).encode()) for n in range(asks)))
+        socks.append((sock, buf))
+    (slow, buf), (stuck, _) = socks
+    try:
+        start = time.monotonic()
+        refs = []
+        while len(refs) < asks:
+            chunk = slow.recv(65536)
+            assert chunk, "dropped after %d answers, %.1f s" % (len(refs), time.monotonic() - start)
+            frames, buf = parse_frames(buf + chunk)
+            refs += [json.loads(p)["ref"] for op, p in frames
+                     if op == OP_TEXT and json.loads(p)["type"] == "joined"]
+            for op, payload in frames:
+                if op == OP_PING:  # as any client does; the server reads them once caught up
+                    slow.sendall(frame_bytes(OP_PONG, payload))
+            time.sleep(0.03)
+        assert time.monotonic() - start > 1.5 + 0.3, "read too fast to test the keepalive"
+        assert refs == ["ask-%d" % n for n in range(asks)]
+        server.wait_for_log(r"dropping the connection from .*: silent", timeout=5)
+        assert len(server.log().split("silent for")) == 2, "only the client that reads nothing"
+    finally:
+        slow.close()
+        stuck.close()
+    assert_no_traceback(server, 0)
+
+
 def test_client_that_never_reads_is_closed_its_queue_freed_and_latency_elsewhere_flat(start_server, clients):
     """A client that never reads is closed with 1008, its ~60 MiB queue is freed, and ping latency elsewhere stays flat."""
     # OUTBOX_SIZE is the default 1024 frames. Frames of 60 KB would come from glibc's heap,
