@@ -54,7 +54,8 @@ def main(argv=None):
         print("chat.py: cannot listen on %s:%d: %s (check HOST and PORT)"
               % (settings.host, settings.port, exc.strerror or exc), file=sys.stderr)
         return 2
-    log.info("Listening on http://%s:%d/", settings.host, server.server_port)
+    host = "[%s]" % settings.host if ":" in settings.host else settings.host  # IPv6 (RFC 3986)
+    log.info("Listening on http://%s:%d/", host, server.server_port)
     open_sockets = lambda: list(sockets)  # noqa: E731 - a snapshot: they come and go meanwhile
     keepalive = gevent.spawn(session.keepalive, open_sockets, settings.ping_interval,
                              settings.ping_timeout)

@@ -599,8 +599,11 @@ def _printable(text, limit):
 
 
 def _peer(address):
-    """host:port of a TCP peer, for the log (a Unix socket's address as it is)."""
-    return "%s:%s" % address[:2] if isinstance(address, tuple) else str(address)
+    """host:port of a TCP peer, for the log ([host]:port for IPv6; a Unix socket's address
+    as it is)."""
+    if not isinstance(address, tuple):
+        return str(address)
+    return ("[%s]:%s" if ":" in address[0] else "%s:%s") % address[:2]
 
 
 def _tokens(header):
@@ -641,14 +644,19 @@ class ChatHandler(WebSocketHandler):
         return super().get_environ()
 
     def format_request(self):
-        # The access log line quotes the client's request line: escaped, it cannot forge
-        # fields or lines.
-        raw = self.requestline
-        self.requestline = _printable(raw or "", LOGGED_REQUEST_LINE)
-        try:
-            return super().format_request()
-        finally:
-            self.requestline = raw
+        """The access log line: peer, request line, status, bytes sent, seconds taken. The
+        request line is the client's, escaped: it cannot forge fields or lines. (pywsgi's own
+        line carries a second timestamp; the log's format has one.)"""
+        elapsed = "%.6f" % (self.time_finish - self.time_start) if self.time_finish else "-"
+        return '%s "%s" %s %s %s' % (
+            _peer(self.client_address), _printable(self.requestline or "", LOGGED_REQUEST_LINE),
+            (self._orig_status or self.status or "000").split()[0], self.response_length or "-",
+            elapsed)
+
+    def log_request(self):
+        # To the server's access log, like every other request (gevent-websocket's own
+        # handler writes to a logger of its own).
+        self.server.log.write(self.format_request() + "\n")
 
     def _handle_client_error(self, ex):
         if isinstance(ex, OSError):  # timed out or reset while sending headers: just close

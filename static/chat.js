@@ -13,7 +13,7 @@ const ui = {
   countdown: $("status-countdown"), retry: $("retry"), rooms: $("rooms"), directs: $("directs"),
   directsEmpty: $("directs-empty"), logs: $("logs"), title: $("room-title"), meta: $("room-meta"),
   leave: $("leave"), typing: $("typing"), composer: $("composer"), text: $("composer-text"),
-  composerLabel: $("composer-label"), members: $("members"), membersMore: $("members-more"),
+  composerLabel: $("composer-label"), send: $("send"), members: $("members"), membersMore: $("members-more"),
   membersTitle: $("members-title"), membersCount: $("members-toggle-count"),
   nickForm: $("nick-form"), nick: $("nick"), nickNote: $("nick-note"), joinForm: $("join-form"),
   joinRoom: $("join-room"), joinNote: $("join-note"), toast: $("toast"),
@@ -257,7 +257,9 @@ function drawDirects() {
     const button = h("button", {
       type: "button", class: "nav-item", "data-key": conv.key, "aria-current": current ? "true" : null,
     }, h("span", { class: `avatar small ${hueOf(conv.name)}`, "aria-hidden": "true", text: initials(conv.name) }),
-    h("span", { class: "nav-name", text: conv.name }), badge(conv.key));
+    h("span", { class: "nav-name", text: conv.name }),
+    conv.ended ? h("span", { class: "nav-tag", text: "ended" }) : null, badge(conv.key));
+    if (conv.ended) button.classList.add("ended");
     button.addEventListener("click", () => activate(conv.key, { focus: true }));
     return h("li", {}, button);
   }));
@@ -288,6 +290,11 @@ function renderMembers() {
       return h("li", { "data-id": String(person.id) }, h("span", { class: "member self" }, face,
         h("span", { class: "member-name", text: person.nick }), h("span", { class: "you", text: "you" })));
     }
+    if (conv.ended) {
+      // Its id may name someone else now: no link to a new conversation from here.
+      return h("li", { "data-id": String(person.id) }, h("span", { class: "member away" }, face,
+        h("span", { class: "member-name", text: person.nick })));
+    }
     const button = h("button", { type: "button", class: "member", title: `Send ${person.nick} a direct message` },
       face, h("span", { class: "member-name", text: person.nick }),
       h("span", { class: "visually-hidden", text: ", send a direct message" }));
@@ -315,15 +322,18 @@ function renderHeader() {
     if (conv.state === "joining" && !client.connected) meta = "Offline: showing what arrived before";
     else if (conv.state === "joining") meta = "Joining…";
     else meta = conv.memberCount === 1 ? "Just you here" : `${conv.memberCount} people here`;
+  } else if (conv.ended) {
+    meta = `Ended: ${conv.ended}`;
   } else {
     meta = online(conv.peer.id) ? "Direct message, online" : "Direct message, not in your rooms now";
   }
   setText(ui.meta, meta);
   ui.leave.hidden = conv.key === LOBBY;
   setText(ui.leave, conv.kind === "room" ? "Leave room" : "Close");
-  const placeholder = `Message ${label(conv)}`;
+  const placeholder = conv.ended ? "This conversation has ended" : `Message ${label(conv)}`;
   if (ui.text.placeholder !== placeholder) ui.text.placeholder = placeholder;
   setText(ui.composerLabel, placeholder);
+  ui.text.disabled = ui.send.disabled = !!conv.ended;
 }
 
 function renderTyping() {

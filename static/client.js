@@ -3,7 +3,12 @@
 // (chat.js) calls the methods below and redraws from this object's state when it fires events.
 //
 // State, in one line: conversations[key] = Conversation (rooms by name, direct messages as
-// "@<id>"); pending[ref] = an entry of ours the server has not confirmed yet.
+// "@<n>"); directs[peer id] = the open direct conversation with that connection;
+// pending[ref] = an entry of ours the server has not confirmed yet.
+//
+// A direct conversation is with one connection, named by its id: it ends when that
+// connection is gone (the server says no_such_client) or when the server restarts (a new
+// lobby epoch), since ids start again at 1 and the same id may then name someone else.
 //
 // Events (CustomEvent, details in brackets):
 //   status   the connection changed: see `state`, `retryAt`
@@ -64,6 +69,7 @@ export class Conversation {
     this.name = name; // room name, or the peer's nick
     this.peer = null; // {id, nick} for a direct conversation
     this.state = kind === "room" ? "joining" : "open"; // rooms: joining, joined, left
+    this.ended = null; // a direct conversation that can no longer reach its peer: why
     this.entries = [];
     this.index = new Map(); // "r:<ref>" and "m:<epoch>:<id>" -> entry
     this.members = new Map(); // id -> {id, nick}
@@ -136,6 +142,8 @@ export class ChatClient extends EventTarget {
     this.self = { id: null, nick: null };
     this.wantedNick = nick;
     this.conversations = new Map();
+    this.directs = new Map();
+    this.directSerial = 0;
     this.pending = new Map();
     this.myRefs = new Set();
     this.ws = null;
@@ -213,14 +221,16 @@ export class ChatClient extends EventTarget {
     if (conv && conv.kind === "room" && conv.state === "joined") this.#send({ type: "typing", room: key });
   }
 
-  /** The direct conversation with `member` ({id, nick}), made when needed. */
+  /** The open direct conversation with connection `member` ({id, nick}), made when needed
+   * (an ended one with the same id stays as it is: that id may be someone else now). */
   direct(member) {
-    const key = `@${member.id}`;
-    let conv = this.conversations.get(key);
+    const peer = who(member);
+    let conv = this.directs.get(peer.id);
     if (!conv) {
-      conv = new Conversation(key, "direct", member.nick);
-      conv.peer = who(member);
-      this.conversations.set(key, conv);
+      conv = new Conversation(`@${++this.directSerial}`, "direct", peer.nick);
+      conv.peer = peer;
+      this.conversations.set(conv.key, conv);
+      this.directs.set(peer.id, conv);
       this.#emit("rooms");
     }
     return conv;
@@ -248,19 +258,13 @@ export class ChatClient extends EventTarget {
     };
     conv.index.set(entry.key, entry);
     conv.place(entry);
-    if (conv.kind === "room") {
-      this.pending.set(ref, entry);
-      this.#savePending();
-      this.#flush();
-    } else if (this.connected) {
-      this.pending.set(ref, entry);
-      this.#send({ type: "direct", to: conv.peer.id, text, ref });
-      // Requests are answered in order, so this pong means the direct went through, unless
-      // an error with its ref came first. (The server has no ack for directs.)
-      this.#send({ type: "ping", ref: `dm:${ref}` });
-    } else {
+    if (conv.ended) {
       entry.status = "failed";
-      entry.error = "you are offline";
+      entry.error = conv.ended;
+    } else {
+      this.pending.set(ref, entry);
+      if (conv.kind === "room") this.#savePending();
+      this.#flush();
     }
     this.#emit("entries", { key, added: [entry] });
     return entry;
@@ -302,6 +306,14 @@ export class ChatClient extends EventTarget {
     for (const conv of this.conversations.values()) {
       conv.typing.clear();
       if (conv.kind === "room" && conv.state === "joined") conv.state = "joining";
+    }
+    for (const [ref, entry] of this.pending) {
+      // Directs have no idempotency key: one that went out unconfirmed is not sent twice.
+      if (entry.kind === "direct" && entry.sentOn !== null) {
+        this.pending.delete(ref);
+        entry.status = "failed";
+        entry.error = "the connection dropped before it was confirmed; it may not have arrived";
+      }
     }
     this.attempt += 1;
     const wait = backoff(this.attempt, { ...this.retry, random: this.random });
@@ -413,6 +425,11 @@ export class ChatClient extends EventTarget {
     // after a reconnect we ask with since/epoch what we missed, like for every other room.
     const lobby = this.#room(LOBBY);
     const fresh = lobby.epoch === null;
+    if (!fresh && String(msg.epoch) !== lobby.epoch) {
+      for (const conv of [...this.directs.values()]) {
+        this.#endDirect(conv, "the server restarted, and ids now name other people");
+      }
+    }
     const since = { since: lobby.lastId, epoch: lobby.epoch };
     this.#applyState(lobby, msg, fresh ? msg.history : []);
     if (!fresh) this.#send({ type: "join", room: LOBBY, ...since, ref: `join:${LOBBY}` });
@@ -568,7 +585,7 @@ export class ChatClient extends EventTarget {
   }
 
   #renamePeer(member) {
-    const conv = this.conversations.get(`@${member.id}`);
+    const conv = this.directs.get(member.id);
     if (conv && conv.peer.nick !== member.nick) {
       conv.peer = member;
       conv.name = member.nick;
@@ -633,6 +650,11 @@ export class ChatClient extends EventTarget {
         this.#resendLater([entry]); // we sent too fast: again, with its ref, after a pause
         return;
       }
+      const conv = this.conversations.get(entry.room);
+      if (code === "no_such_client" && conv && conv.kind === "direct") {
+        this.#endDirect(conv, `${conv.peer.nick} is no longer connected`);
+        return; // the entry failed with the others
+      }
       this.pending.delete(ref);
       this.#savePending();
       entry.status = "failed";
@@ -683,10 +705,20 @@ export class ChatClient extends EventTarget {
     }, RATE_PAUSE_MS);
   }
 
-  /** Send every unconfirmed room message not yet sent on this connection, oldest first. */
+  /** Send every unconfirmed message not yet sent on this connection, oldest first (a direct
+   * only once: see #lost). */
   #flush() {
     if (!this.connected) return;
     for (const entry of this.pending.values()) {
+      if (entry.kind === "direct" && entry.sentOn === null) {
+        const conv = this.conversations.get(entry.room);
+        this.#send({ type: "direct", to: conv.peer.id, text: entry.text, ref: entry.ref });
+        // Requests are answered in order, so this pong means the direct went through,
+        // unless an error with its ref came first. (The server has no ack for directs.)
+        this.#send({ type: "ping", ref: `dm:${entry.ref}` });
+        entry.sentOn = this.generation;
+        continue;
+      }
       if (entry.kind !== "message" || entry.sentOn === this.generation) continue;
       // For a room still joining, the join is on the wire ahead of this message and the
       // server answers requests in order.
@@ -708,8 +740,26 @@ export class ChatClient extends EventTarget {
     return conv;
   }
 
+  /** A direct conversation can no longer reach its peer: say why, fail what waits for it,
+   * and let a new conversation with that id start afresh. */
+  #endDirect(conv, why) {
+    if (conv.ended) return;
+    conv.ended = why;
+    if (this.directs.get(conv.peer.id) === conv) this.directs.delete(conv.peer.id);
+    for (const [ref, entry] of this.pending) {
+      if (entry.room !== conv.key) continue;
+      this.pending.delete(ref);
+      entry.status = "failed";
+      entry.error = why;
+    }
+    this.#notice(conv, `This conversation has ended: ${why}.`, [0, conv.seq + 1, 0]);
+    this.#emit("entries", { key: conv.key, added: [] });
+    this.#emit("rooms");
+  }
+
   #forget(conv) {
     conv.state = "left";
+    if (conv.kind === "direct" && this.directs.get(conv.peer.id) === conv) this.directs.delete(conv.peer.id);
     this.conversations.delete(conv.key);
     for (const [ref, entry] of this.pending) if (entry.room === conv.key) this.pending.delete(ref);
     this.#saveRooms();

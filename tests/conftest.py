@@ -16,7 +16,7 @@ import pytest
 from tests.clients import JsonClient, PlainClient, RawClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LISTENING = re.compile(r"Listening on http://[^:]+:(\d+)/")
+LISTENING = re.compile(r"Listening on http://(?:\[[0-9a-f:.]+\]|[^:/\[]+):(\d+)/")
 
 
 class Server:

@@ -1,6 +1,8 @@
 """Settings from the environment and command-line flags, and how chat.py reports bad ones."""
 import dataclasses
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -304,6 +306,14 @@ def test_chat_py_bad_port_env_exits_2():
     assert "PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Listening" not in proc.stdout
+
+
+def test_listening_line_is_a_url_for_an_ipv6_host(start_server):
+    """On an IPv6 address the startup line is a URL a browser takes: http://[::1]:port/."""
+    if not socket.has_ipv6:
+        pytest.fail("this machine has no IPv6: the test needs its loopback")
+    server = start_server(env={"HOST": "::1"})
+    assert re.search(r"Listening on http://\[::1\]:%d/$" % server.port, server.log(), re.M)
 
 
 def test_chat_py_help_lists_every_flag():

@@ -170,9 +170,10 @@ def test_nickname_change_is_seen_by_the_other_tab_and_kept(server, tabs):
 
 
 def test_rooms_are_separate_and_links_work(server, tabs):
-    """Rooms keep their own messages; the hash names the room; unread counts; leaving."""
+    """Rooms keep their own messages; "#name" or "name" joins; the hash names the room; unread
+    counts; leaving."""
     a = tabs.open(server)
-    a.get_by_label("Join or create a room").fill("kitchen")
+    a.get_by_label("Join or create a room").fill("#kitchen")  # as rooms are written
     a.get_by_label("Join or create a room").press("Enter")
     expect(a.get_by_test_id("room-title")).to_have_text("#kitchen")
     assert a.evaluate("location.hash") == "#kitchen"
@@ -343,11 +344,18 @@ def test_message_whose_ack_was_lost_is_resent_with_its_ref_and_not_duplicated(se
 
 def test_server_restart_both_tabs_reconnect_and_nothing_is_lost(start_server, tabs):
     """The server goes away and comes back on the same port: both tabs reconnect by themselves,
-    keep what they showed, deliver what was typed meanwhile once, and chat on."""
+    keep what they showed, deliver what was typed meanwhile once, and chat on; a direct
+    conversation from before is shown as ended (ids start again), and a new one works."""
     tabs.allow_socket_failures()
     first = start_server()
     a = tabs.open(first)
     b = tabs.open(first)
+    set_nick(b, "Bea")
+    members(a).get_by_role("button", name=re.compile("Bea")).click()
+    say(a, "private before restart")
+    dm = a.locator('[data-testid="messages"][data-key^="@"]')
+    expect(dm.get_by_test_id("message").filter(has_text="private")).to_have_attribute("data-status", "sent")
+    a.get_by_test_id("rooms").get_by_role("link", name=re.compile("lobby")).click()
     say(a, "before restart from A")
     say(b, "before restart from B")
     expect(message(a, "before restart from B")).to_be_visible()
@@ -375,6 +383,26 @@ def test_server_restart_both_tabs_reconnect_and_nothing_is_lost(start_server, ta
                 "after restart from B", "after restart from A"]
     assert texts(a) == texts(b) == expected
     assert second.port == first.port
+
+    # Ids start again at 1 on the new server, so the old conversation's id may name someone
+    # else now: it has ended, and says so; Bea, found again in the lobby, is a new one.
+    old_dm = a.get_by_test_id("directs").get_by_role("button", name=re.compile("Bea"))
+    expect(old_dm).to_contain_text("ended")
+    old_dm.click()
+    expect(a.locator("#room-meta")).to_have_text(
+        "Ended: the server restarted, and ids now name other people")
+    expect(a.get_by_test_id("composer")).to_be_disabled()
+    expect(members(a).get_by_role("button")).to_have_count(0)  # no way back to that id
+    a.get_by_test_id("rooms").get_by_role("link", name=re.compile("lobby")).click()
+    members(a).get_by_role("button", name=re.compile("Bea")).click()
+    expect(a.get_by_test_id("composer")).to_be_enabled()
+    expect(a.locator("#room-meta")).to_have_text("Direct message, online")
+    say(a, "private after restart")
+    # Bea sees both: the old one ended, the new one with the new message.
+    expect(b.locator('[data-testid="directs"] .nav-item.ended')).to_have_count(1)
+    b.locator('[data-testid="directs"] .nav-item:not(.ended)').click()
+    expect(b.locator('[data-testid="messages"][data-key^="@"]:visible').get_by_test_id("message")
+           ).to_have_text([re.compile("private after restart")])
 
 
 def test_recipe_pages_say_hello_world_to_each_other(server, tabs):
@@ -436,8 +464,9 @@ CLIENT_UNIT = open(os.path.join(os.path.dirname(__file__), "page_helpers", "clie
 
 def test_protocol_client_on_its_own(server, browser):
     """client.js without the page: backoff with jitter, the URL, resend with the same ref,
-    recovery with since/epoch, dedupe across a server restart, dead-socket detection, and a
-    message refused as over the rate limit sent again after a pause."""
+    recovery with since/epoch, dedupe across a server restart, dead-socket detection, a
+    message refused as over the rate limit sent again after a pause, and direct messages:
+    held while offline, never sent twice, ended when the peer is gone or the server restarts."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -463,3 +492,14 @@ def test_protocol_client_on_its_own(server, browser):
     assert out["heartbeat"] == {"pinged": True, "closed": True, "sockets": 2}
     assert out["rateLimited"] == {"status": "pending", "sendsBeforePause": 1, "sends": 2,
                                   "joinKept": True, "joins": 2}
+    d = out["directs"]
+    assert d["unconfirmed"] == ["failed", "the connection dropped before it was confirmed; "
+                                          "it may not have arrived"]
+    assert d["offline"] == "pending"
+    assert d["resent"] == [[5, "typed offline"]] and d["offlineAfter"] == "sent"
+    assert d["gone"] == ["failed", "Bob is no longer connected", "Bob is no longer connected",
+                         "failed"]
+    assert d["newBob"] is True
+    assert d["restart"] == ["the server restarted, and ids now name other people", "failed",
+                            "the server restarted, and ids now name other people", 0]
+    assert d["incomingAfterRestart"] == [True, "Dee", 2]

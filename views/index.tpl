@@ -47,7 +47,7 @@
       <form class="join-form" id="join-form" autocomplete="off">
         <label for="join-room" class="field-label">Join or create a room</label>
         <div class="field-row">
-          <input id="join-room" name="room" maxlength="64" pattern="[A-Za-z0-9_.\-]{1,64}"
+          <input id="join-room" name="room" maxlength="65" pattern="#?[A-Za-z0-9_.\-]{1,64}"
                  placeholder="room-name" spellcheck="false" aria-describedby="join-note"
                  data-testid="join-room">
           <button type="submit" class="button subtle">Join</button>

@@ -94,5 +94,40 @@ async () => {
   out.rateLimited.joinKept = eager.conversations.has("dev");
   out.rateLimited.joins = joins();
   eager.stop();
+
+  // Direct messages go to a connection: typed offline they wait for the next connection;
+  // one that went out unconfirmed is not sent twice; a peer that is gone, or a server
+  // restart (ids start again, so id 5 may be someone else), ends the conversation.
+  const dm = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  dm.start();
+  let sock = sockets.at(-1);
+  sock.deliver(welcome(3, "d1", []));
+  const bob = dm.direct({ id: 5, nick: "Bob" });
+  const sentDirect = dm.send(bob.key, "hello bob");
+  sock.drop();  // before its pong
+  const offline = dm.send(bob.key, "typed offline");
+  out.directs = { unconfirmed: [sentDirect.status, sentDirect.error], offline: offline.status };
+  await until(() => sockets.length && sockets.at(-1) !== sock);
+  sock = sockets.at(-1);
+  sock.deliver(welcome(3, "d1", []));  // the same server
+  out.directs.resent = sock.sent.filter((f) => f.type === "direct").map((f) => [f.to, f.text]);
+  sock.deliver({ type: "pong", ref: "dm:" + offline.ref });
+  out.directs.offlineAfter = offline.status;
+  const gone = dm.send(bob.key, "still there?");
+  sock.deliver({ type: "error", code: "no_such_client", message: "no connection with id 5", ref: gone.ref });
+  out.directs.gone = [gone.status, gone.error, bob.ended, dm.send(bob.key, "again").status];
+  out.directs.newBob = dm.direct({ id: 5, nick: "Bob" }).key !== bob.key;
+  const carl = dm.direct({ id: 6, nick: "Carl" });
+  sock.drop();
+  const waiting = dm.send(carl.key, "for carl");
+  await until(() => sockets.at(-1) !== sock);
+  sock = sockets.at(-1);
+  sock.deliver(welcome(3, "d2", []));  // restarted: a new lobby epoch
+  out.directs.restart = [carl.ended, waiting.status, waiting.error,
+                         sock.sent.filter((f) => f.type === "direct").length];
+  sock.deliver({ type: "direct", from: { id: 6, nick: "Dee" }, text: "hi", ts: 1700000000 });
+  const dee = [...dm.conversations.values()].find((c) => c.kind === "direct" && !c.ended && c.peer.id === 6);
+  out.directs.incomingAfterRestart = [dee && dee.key !== carl.key, dee && dee.name, carl.entries.length];
+  dm.stop();
   return out;
 }
