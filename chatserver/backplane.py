@@ -439,11 +439,14 @@ class RedisBackplane:
             except ValueError:
                 log.warning("dropped a malformed event on %s", channel)
                 return
-            if event.get("k") == "msg":
-                event = {"k": "msg", "message": _message(
-                    event["room"], event["id"], ["from", event["from"], "text", event["text"],
-                                                 "ts", event["ts"], "ref", event.get("ref", "")])}
-            self._deliver(event)
+            try:
+                if event.get("k") == "msg":
+                    event = {"k": "msg", "message": _message(
+                        event["room"], event["id"], ["from", event["from"], "text", event["text"],
+                                                     "ts", event["ts"], "ref", event.get("ref", "")])}
+                self._deliver(event)
+            except Exception:  # noqa: BLE001 - one bad event must not cost the subscription
+                log.exception("delivering an event from %s failed", channel)
         elif kind == "subscribe":
             left = self._pending.get(channel, 1) - 1
             self._pending[channel] = left

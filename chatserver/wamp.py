@@ -15,6 +15,7 @@ process (a callee serves the callers connected to the same process).
 """
 import json
 import logging
+import math
 import random
 import re
 
@@ -39,8 +40,10 @@ MAX_PER_SESSION = 1000
 LIMIT = "chat.error.limit_exceeded"
 MAX_ID = 2 ** 53
 # Loose URIs, as the specification's "relaxed" rule: dot-separated components without
-# whitespace, '#' or empty parts.
-_URI = re.compile(r"[^\s.#]+(\.[^\s.#]+)*\Z")
+# whitespace, '#' or empty parts; nor control characters or lone surrogates, which no URI
+# needs and which would reach the log or fail to encode.
+_URI_PART = "[^\\s.#\x00-\x1f\x7f-\x9f\ud800-\udfff]+"
+_URI = re.compile(r"%s(\.%s)*\Z" % (_URI_PART, _URI_PART))
 ROUTER_ROLES = {"broker": {"features": {"publisher_exclusion": True}},
                 "dealer": {"features": {}}}
 
@@ -48,6 +51,27 @@ ROUTER_ROLES = {"broker": {"features": {"publisher_exclusion": True}},
 def new_id():
     """A global-scope id: random in [1, 2^53] (WAMP section "IDs")."""
     return random.randint(1, MAX_ID)
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _finite(literal):
+    number = float(literal)
+    if math.isinf(number):  # 1e999: JSON allows it, but it would go out as Infinity
+        raise ValueError("%s is too large" % literal[:20])
+    return number
+
+
+def _decode(text):
+    """One WAMP message, as JSON (RFC 8259) that every peer can read: no NaN or Infinity
+    (Python's json takes them, and reads 1e999 as one; JavaScript's does not), and no lone surrogate from a \\u
+    escape, which cannot be encoded again as UTF-8. Raises ValueError."""
+    msg = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    if "\\u" in text:  # only an escape can make a lone surrogate
+        protocol.encode(msg).encode("utf-8")  # UnicodeEncodeError is a ValueError
+    return msg
 
 
 def valid_uri(uri):
@@ -134,7 +158,7 @@ class Router:
     def handle(self, session, text):
         """Process one frame from ``session``; returns False when the session is over."""
         try:
-            msg = json.loads(text)
+            msg = _decode(text)
         except (ValueError, RecursionError):
             return self._abort(session, "wamp.error.protocol_violation", "message is not JSON")
         if not (isinstance(msg, list) and msg and isinstance(msg[0], int)):
@@ -147,7 +171,8 @@ class Router:
             if handler is None:
                 raise Violation("unexpected message type %d" % msg[0])
             return handler(self, session, msg)
-        except (Violation, IndexError, TypeError, ValueError, KeyError) as exc:
+        except (Violation, IndexError, TypeError, ValueError, KeyError, RecursionError) as exc:
+            # (RecursionError: arguments nested too deep to encode again for the receivers.)
             reason = str(exc) if isinstance(exc, Violation) else "malformed message"
             return self._abort(session, "wamp.error.protocol_violation", reason)
 

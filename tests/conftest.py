@@ -74,6 +74,17 @@ class Server:
             time.sleep(0.02)
         raise AssertionError("no log line matches %r in:\n%s" % (pattern, self.log()))
 
+    def expect_traceback(self, pattern):
+        """Take the traceback logged with the first line matching ``pattern`` (a regex) as
+        expected: the end-of-test check ignores it. Returns that traceback's text."""
+        first = self.lines.index(self.wait_for_log(pattern))
+        end = first + 1
+        while end < len(self.lines) and not re.match(r"\d{4}-\d\d-\d\d ", self.lines[end]):
+            end += 1
+        block = self.lines[first:end]
+        del self.lines[first + 1:end]
+        return "\n".join(block)
+
     def assert_no_traceback(self):
         unhandled = [l for l in self.lines if "Traceback" in l]
         assert not unhandled, "server logged a traceback:\n" + self.log()

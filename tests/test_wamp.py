@@ -2,6 +2,7 @@
 malformed messages over a raw WebSocket, and the bridge to the chat rooms."""
 import asyncio
 import json
+import socket
 
 import pytest
 import websocket
@@ -76,6 +77,41 @@ def test_second_hello_and_malformed_messages_abort(server):
         w.send(bad)
         abort = w.recv()
         assert abort[:1] == [3] and abort[2] == "wamp.error.protocol_violation", (bad, abort)
+
+
+@pytest.mark.parametrize("payload", [
+    '[16, 1, {"acknowledge": true}, "com.example.t", [NaN]]',
+    '[16, 1, {"acknowledge": true}, "com.example.t", [], {"k": Infinity}]',
+    '[16, 1, {"acknowledge": true}, "com.example.t", [1e999]]',
+    '[16, 1, {"acknowledge": true}, "com.example.t", ["\\ud800"]]',
+    '[16, 1, {"acknowledge": true}, "com.example.t", %s]' % ("[" * 975 + "]" * 975),
+], ids=["NaN", "Infinity", "1e999", "lone-surrogate", "nested-975"])
+def test_messages_other_peers_could_not_read_abort(server, payload):
+    """NaN, Infinity, a number too large for a double, a lone surrogate and arguments nested
+    too deep are not JSON every peer reads: ABORT protocol_violation, nothing relayed, no
+    traceback."""
+    sub, pub = RawWamp(server.port), RawWamp(server.port)
+    sub.hello()
+    pub.hello()
+    sub.send([32, 1, {}, "com.example.t"])
+    assert sub.recv()[0] == 33
+    pub.send(payload)
+    abort = pub.recv()
+    assert abort[0] == 3 and abort[2] == "wamp.error.protocol_violation", abort
+    assert pub.closed()
+    sub.ws.settimeout(0.3)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        sub.ws.recv()
+    server.assert_no_traceback()
+
+
+def test_realm_with_control_characters_is_refused(server):
+    """A realm is a URI: one with control characters (which would reach the log) aborts."""
+    w = RawWamp(server.port)
+    w.send([1, "realm\x1b[31m\x07", ROLES])
+    abort = w.recv()
+    assert abort[0] == 3 and abort[2] == "wamp.error.protocol_violation"
+    assert "\x1b" not in server.log()
 
 
 def test_invalid_uris_are_refused(server):
@@ -286,6 +322,29 @@ def test_wamp_events_cross_processes(start_server, redis_server):
         await leave(sub)
         await leave(pub)
     run(scenario())
+
+
+def test_an_event_that_fails_to_deliver_does_not_cost_the_redis_subscription(start_server,
+                                                                           redis_server, clients):
+    """An event from Redis that cannot be delivered (from an older or faulty process, say) is
+    logged and dropped: the process stays subscribed, and chat goes on."""
+    server = start_server(env={"REDIS_URL": redis_server.url})
+    sub = RawWamp(server.port)
+    sub.hello()
+    sub.send([32, 1, {}, "com.example.t"])
+    assert sub.recv()[0] == 33
+    bad = json.dumps({"k": "wamp", "realm": "realm1", "topic": "com.example.t", "pub": 1,
+                      "args": ["\ud800"], "kwargs": {}, "publisher": 0}).encode()
+    with socket.create_connection(("127.0.0.1", redis_server.port), 5) as r:
+        r.sendall(b"*3\r\n$7\r\nPUBLISH\r\n$12\r\nchat:control\r\n$%d\r\n%s\r\n" % (len(bad), bad))
+        assert r.recv(64).startswith(b":1")
+    assert "UnicodeEncodeError" in server.expect_traceback(
+        "delivering an event from chat:control failed")
+    chat = clients.json(server)
+    chat.send(type="message", text="still here", ref="after-bad-event")
+    assert chat.wait("ack")["ref"] == "after-bad-event"
+    assert server.health()["redis"] == "up"
+    assert "Redis unreachable" not in server.log()
 
 
 def test_rate_limit_applies_to_wamp(start_server):
