@@ -459,6 +459,15 @@ class RedisBackplane:
             raise Unavailable("Redis is unreachable")
         try:
             with self._write_lock:
+                if command[0] in ("SUBSCRIBE", "UNSUBSCRIBE"):
+                    # A watch and an unwatch of one channel can both wait for the lock: each
+                    # command goes only if it is still what _channels wants, or the later
+                    # wish could be undone by the earlier one (a member left deaf, say).
+                    channel = command[1]
+                    if (channel in self._channels) != (command[0] == "SUBSCRIBE"):
+                        return  # wished otherwise meanwhile: that wish sends its own
+                    if command[0] == "SUBSCRIBE":
+                        self._pending[channel] = self._pending.get(channel, 0) + 1
                 sub.send_command(*command)
         except (redis.exceptions.RedisError,) + self._errors as exc:
             raise Unavailable(str(exc)) from None
@@ -470,13 +479,13 @@ class RedisBackplane:
         event = self._channels.get(channel)
         if event is None:
             event = self._channels[channel] = gevent.event.Event()
-            self._pending[channel] = self._pending.get(channel, 0) + 1
             try:
                 self._send("SUBSCRIBE", channel)
             except Unavailable:
-                self._channels.pop(channel, None)
+                if self._channels.get(channel) is event:
+                    del self._channels[channel]
                 raise
-        if not event.wait(SUBSCRIBE_WAIT):
+        if self._channels.get(channel) is event and not event.wait(SUBSCRIBE_WAIT):
             raise Unavailable("Redis did not confirm the subscription to %s" % channel)
 
     def unwatch(self, room):

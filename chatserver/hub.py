@@ -107,9 +107,15 @@ class Hub:
 
     def follow(self, room):
         """Receive ``room``'s messages on this process without being a member of it."""
-        if not self.followed.get(room) and room not in self.local:
-            self.backplane.watch(room)
+        first = not self.followed.get(room) and room not in self.local
+        # Counted before watch() yields, so that a leave meanwhile keeps the subscription.
         self.followed[room] = self.followed.get(room, 0) + 1
+        if first:
+            try:
+                self.backplane.watch(room)
+            except Unavailable:
+                self.unfollow(room)
+                raise
 
     def unfollow(self, room):
         left = self.followed.get(room, 0) - 1
@@ -300,26 +306,33 @@ class Hub:
         wait in ``client.pending`` until ``_answer`` has sent it.
         """
         new = name not in client.rooms
-        if client.pending.get(name).__class__ is not list:
+        floor = client.pending.get(name)
+        if floor.__class__ is not list:
             client.pending[name] = []
+        entered = False
         try:
             if new:
-                self.backplane.watch(name)
+                # A member before anything yields: a leave of the room's last other member
+                # meanwhile must not unsubscribe the room from under this join.
                 self.local.setdefault(name, {})[client.id] = client
                 client.rooms.add(name)
+                self.backplane.watch(name)
                 size = self.backplane.enter(name, _who(client))
+                entered = True
                 if size <= self.presence_limit:
                     self._publish_presence(name, "join", client)
             members, count = self.backplane.members(name, self.presence_limit)
             history, room_epoch, recovered = self.backplane.history(name, since, epoch)
         except Unavailable:
-            client.pending.pop(name, None)
-            if new and name in client.rooms:
-                self._exit(client, name)
-            elif new and not self.local.get(name):
-                self.local.pop(name, None)
-                if not self.followed.get(name):
-                    self.backplane.unwatch(name)
+            held = client.pending.pop(name, None)
+            if new:
+                self._exit(client, name, announce=entered)
+            elif name in client.rooms:
+                # Still a member: what arrived meanwhile is delivered, not dropped.
+                for _msg_id, frame in held or ():
+                    client.send(frame)
+                if floor is not None and floor.__class__ is not list:
+                    client.pending[name] = floor
             raise
         return {"members": members, "member_count": count, "history": history,
                 "epoch": room_epoch, "recovered": recovered}
@@ -339,7 +352,7 @@ class Hub:
         if last and name in client.rooms:
             client.pending[name] = last
 
-    def _exit(self, client, name):
+    def _exit(self, client, name, announce=True):
         members = self.local.get(name, {})
         members.pop(client.id, None)
         client.rooms.discard(name)
@@ -349,9 +362,9 @@ class Hub:
         except Unavailable:
             size = len(members)
         # Notices stop above the limit: a room that had limit+1 members was unannounced.
-        if size < self.presence_limit:
+        if announce and size < self.presence_limit:
             self._publish_presence(name, "leave", client)
-        if not members:
+        if not self.local.get(name):  # as it is now: others may have come or gone meanwhile
             self.local.pop(name, None)
             if not self.followed.get(name):
                 self.backplane.unwatch(name)

@@ -270,6 +270,8 @@ class Router:
                 self.hub.follow(room)
             except Unavailable:
                 return self._error(session, SUBSCRIBE, request, "wamp.error.unavailable")
+            # follow() may wait for Redis: another session may have subscribed meanwhile.
+            sub_id = r.topics.get(topic)
         if sub_id is None:
             sub_id = r.topics[topic] = new_id()
             r.subscribers[sub_id] = set()

@@ -347,6 +347,31 @@ def test_an_event_that_fails_to_deliver_does_not_cost_the_redis_subscription(sta
     assert "Redis unreachable" not in server.log()
 
 
+def test_sessions_subscribing_at_once_to_a_room_share_one_subscription(start_server,
+                                                                      redis_server, clients):
+    """Two sessions that subscribe at once to a room this process does not follow yet (each
+    waits for Redis to confirm) get the same subscription id, and both get its messages."""
+    server = start_server(env={"REDIS_URL": redis_server.url, "RATE_LIMIT": "0"})
+    chat = clients.json(server)
+    for trial in range(3):
+        topic = "chat.room.fresh%d" % trial
+        subs = [RawWamp(server.port), RawWamp(server.port)]
+        for w in subs:
+            w.hello()
+        for w in subs:
+            w.send([32, 1, {}, topic])
+        ids = {w.recv()[2] for w in subs}
+        assert len(ids) == 1, ids
+        chat.send(type="join", room="fresh%d" % trial)
+        chat.wait("joined")
+        chat.send(type="message", room="fresh%d" % trial, text="to both")
+        chat.wait("ack")
+        for w in subs:
+            event = w.recv()
+            assert event[0] == 36 and event[4] == ["to both"], event
+            w.ws.close()
+
+
 def test_rate_limit_applies_to_wamp(start_server):
     """Requests over RATE_LIMIT get an ERROR instead of silence."""
     server = start_server(env={"RATE_LIMIT": "1", "RATE_BURST": "2"})
