@@ -18,6 +18,7 @@ from .backplane import Unavailable
 from .protocol import LOBBY, ProtocolError
 
 PLAIN, JSON = "plain", "json"
+ANSWER_HISTORY = 1 << 20  # characters of JSON, at least (see Hub.answer_history)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ class Hub:
     def __init__(self, settings, backplane, clock=time.time):
         self.presence_limit = settings.presence_limit
         self.max_rooms = settings.max_rooms
+        # What one welcome/joined answer carries of history, in characters of JSON: a
+        # client that asks for it, again and again or from many connections, must not make
+        # us build (and hold, if it does not read) a room's whole history each time; 100
+        # messages of 64 KiB of control characters, escaped as \u0001, are 39 MB.
+        self.answer_history = max(ANSWER_HISTORY, 8 * settings.max_message_size)
         self.backplane = backplane
         self.clients = {}
         self.local = {}
@@ -323,6 +329,8 @@ class Hub:
                     self._publish_presence(name, "join", client)
             members, count = self.backplane.members(name, self.presence_limit)
             history, room_epoch, recovered = self.backplane.history(name, since, epoch)
+            history, complete = newest_within(history, self.answer_history)
+            recovered = recovered and complete  # the client must learn that some are missing
         except Unavailable:
             held = client.pending.pop(name, None)
             if new:
@@ -383,6 +391,18 @@ class Hub:
     def _publish_presence(self, name, event, client):
         self.backplane.publish(name, {"k": "presence", "room": name, "event": event,
                                       "member": _who(client)})
+
+
+def newest_within(history, budget):
+    """(the newest messages of ``history`` whose JSON fits in ``budget`` characters, oldest
+    first; whether that is all of them). Encodes at most ``budget`` characters and one
+    message more."""
+    total = 0
+    for i in range(len(history) - 1, -1, -1):
+        total += len(protocol.encode(history[i]))
+        if total > budget:
+            return history[i + 1:], False
+    return history, True
 
 
 def history_floor(history, since):

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from chatserver import config
+from chatserver import config, protocol
 from chatserver.backplane import LocalBackplane
 from chatserver.hub import JSON, PLAIN, Hub
 from chatserver.protocol import ProtocolError
@@ -377,6 +377,25 @@ def test_join_with_since_and_epoch_recovers(hub):
     other = join(hub, b, "dev", since=3, epoch="not-the-epoch")
     assert other["recovered"] is False
     assert [m["text"] for m in other["history"]] == ["1", "2", "3", "4", "5"]
+
+
+def test_answers_carry_the_newest_history_that_fits_and_say_when_some_is_missing(hub):
+    """A welcome or joined carries at most about 1 MiB of history as JSON, newest kept: control
+    characters escaped six times over cannot make each answer a room's whole history. A
+    recovery that would need more says recovered: false."""
+    a, _ = connect(hub)
+    epoch = join(hub, a, "dev")["epoch"]
+    for n in range(20):
+        hub.say(a, "dev", "%02d%s" % (n, "\x01" * 30000))  # about 180 KB each as JSON
+        hub.say(a, "lobby", "%02d%s" % (n, "\x01" * 30000))
+    joined = join(hub, a, "dev", since=0, epoch=epoch)
+    texts = [m["text"][:2] for m in joined["history"]]
+    assert texts == ["%02d" % n for n in range(20 - len(texts), 20)] and 3 <= len(texts) <= 6
+    assert joined["recovered"] is False
+    assert len(protocol.encode(joined)) < 1.3 * (1 << 20)
+    assert join(hub, a, "dev", since=18, epoch=epoch)["recovered"] is True
+    b, welcome = connect(hub)
+    assert 3 <= len(welcome["history"]) <= 6 and welcome["history"][-1]["text"][:2] == "19"
 
 
 def test_room_without_members_or_history_starts_a_new_epoch(hub):
