@@ -11,6 +11,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import gevent.pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from chatserver import backplane, config, frames, session, transport, wamp, web  # noqa: E402
@@ -46,6 +47,7 @@ def main(argv=None):
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
         outbox_size=settings.outbox_size, is_full=lambda: len(sockets) >= settings.max_connections)
     server = WSGIServer((settings.host, settings.port), app,
+                        spawn=gevent.pool.Pool(transport.HTTP_CONCURRENCY),
                         handler_class=transport.ChatHandler.configured(policy, sockets),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
     try:

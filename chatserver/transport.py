@@ -46,7 +46,11 @@ SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before th
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 READ_PAUSE = 1024 * 1024  # bytes queued for a peer past which its requests wait (backpressure)
-HTTP_TIMEOUT = 10.0  # seconds a client has to send a whole HTTP request (slowloris guard)
+HTTP_TIMEOUT = 10.0  # seconds a whole HTTP request and its answer may take (slowloris guard)
+# HTTP requests served at once (a WebSocket handshake is one, until the upgrade); more wait
+# in the listen backlog. With HTTP_TIMEOUT, it bounds what slow clients can hold: the file
+# descriptors beyond MAX_CONNECTIONS are few (chat.py keeps 256 spare).
+HTTP_CONCURRENCY = 200
 LOGGED_REQUEST_LINE = 512  # characters of a request line the access log keeps
 MALFORMED = b"Malformed HTTP request.\n"
 BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain; "
@@ -630,18 +634,15 @@ class ChatHandler(WebSocketHandler):
 
     def handle_one_request(self):
         # The socket's timeout restarts with every byte, so a client that trickles its
-        # request a byte at a time would never meet it: the request line and headers get
-        # HTTP_TIMEOUT seconds in all. get_environ() lifts the deadline once they are in.
+        # request (or a body, which pywsgi reads to its end) a byte at a time would never
+        # meet it: a whole HTTP request and its answer get HTTP_TIMEOUT seconds. A WebSocket
+        # is free of the deadline once upgraded (run_websocket).
         self._deadline = gevent.Timeout(HTTP_TIMEOUT, socket.timeout("HTTP request too slow"))
         self._deadline.start()
         try:
             return super().handle_one_request()
         finally:
             self._deadline.close()
-
-    def get_environ(self):
-        self._deadline.close()
-        return super().get_environ()
 
     def format_request(self):
         """The access log line: peer, request line, status, bytes sent, seconds taken. The
@@ -660,7 +661,7 @@ class ChatHandler(WebSocketHandler):
 
     def _handle_client_error(self, ex):
         if isinstance(ex, OSError):  # timed out or reset while sending headers: just close
-            log.info("dropped an incomplete HTTP request from %s: %s", self.client_address,
+            log.info("dropped an incomplete HTTP request from %s: %s", _peer(self.client_address),
                      type(ex).__name__)
             return None
         if isinstance(ex, (ValueError, http.client.HTTPException)):
@@ -733,6 +734,7 @@ class ChatHandler(WebSocketHandler):
         whatever the client sent right after its handshake. The request's greenlet, handler
         and environ are then freed instead of waiting as long as the connection lasts.
         """
+        self._deadline.close()  # the handshake is done; keepalive watches the connection now
         sock = self.socket
         sock.settimeout(0.0)
         buffered = self.rfile.peek()  # non-blocking now: the bytes read ahead, if any

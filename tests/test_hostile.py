@@ -22,7 +22,7 @@ import websocket
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chatserver.protocol import NICK_MAX, REF_MAX
-from chatserver.transport import CLOSE_WAIT, HTTP_TIMEOUT, SLOW_CLOSE_WAIT
+from chatserver.transport import CLOSE_WAIT, HTTP_CONCURRENCY, HTTP_TIMEOUT, SLOW_CLOSE_WAIT
 from tests.clients import ConnectionClosed, RawClient, frame_bytes, mask_bytes
 from tests.conftest import Server
 
@@ -358,36 +358,61 @@ def test_request_never_completed_is_dropped_after_http_timeout(start_server, cli
     assert_no_traceback(server)
 
 
-def test_request_trickled_byte_by_byte_is_dropped_after_http_timeout(start_server, clients):
-    """A client that sends its headers one byte a second is dropped after HTTP_TIMEOUT s in all."""
+def test_requests_trickled_byte_by_byte_are_dropped_after_http_timeout(start_server, clients):
+    """Headers, or a body (which the server reads to its end), sent one byte a second are
+    dropped HTTP_TIMEOUT s after the request began; more slow clients than are served at once
+    wait their turn without using up file descriptors; chat goes on, and a new client gets in."""
     # A socket timeout restarts with every byte, so a trickle needs a deadline for the whole
     # request (HTTP_TIMEOUT) to be dropped.
-    server = start_server()
+    server = start_server(env={"MAX_CONNECTIONS": "100"})  # 356 file descriptors, no more
     calm = Calm(clients, server)
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    s.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-    start, dropped_at, latencies = time.monotonic(), None, []
-    while time.monotonic() - start < HTTP_TIMEOUT + 4:
+    trickles = {
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ": b"a",
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n": b"a",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n": b"1\r\na\r\n",
+    }
+    slow = {}
+    for head, drip in trickles.items():
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(head)
+        slow[s] = drip
+    crowd = []  # more than are served at once: the rest wait in the listen backlog
+    for _ in range(HTTP_CONCURRENCY + 20):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        crowd.append(s)
+    start, dropped, latencies = time.monotonic(), {}, []
+    while len(dropped) < len(slow) and time.monotonic() - start < HTTP_TIMEOUT + 4:
         latencies.append(calm.check())
-        try:
-            s.sendall(b"a")
-        except OSError:
-            dropped_at = time.monotonic() - start
-            break
-        if select.select([s], [], [], 1.0)[0]:
+        for s, drip in slow.items():
+            if s in dropped:
+                continue
             try:
-                data = s.recv(4096)
+                s.sendall(drip)
+                closed = select.select([s], [], [], 0)[0] and not _read_to_eof(s)
             except OSError:
-                data = b""
-            if not data or data.startswith(b"HTTP/1.1 4"):
-                dropped_at = time.monotonic() - start
-                break
-    s.close()
-    assert max(latencies) < 1.0, latencies
-    assert dropped_at is not None, "a trickling request is still connected after %.0f s" % (
+                closed = True
+            if closed:
+                dropped[s] = time.monotonic() - start
+        time.sleep(1.0)
+    assert len(dropped) == len(slow), "a trickling request is still connected after %.0f s" % (
         HTTP_TIMEOUT + 4)
-    assert dropped_at <= HTTP_TIMEOUT + 3, dropped_at
+    assert max(dropped.values()) <= HTTP_TIMEOUT + 3, dropped
+    assert max(latencies) < 1.0, latencies
+    newcomer = clients.json(server)  # served once the first slow ones are gone
+    assert newcomer.id
+    for s in list(slow) + crowd:
+        s.close()
+    assert "Too many open files" not in server.log()
     assert_no_traceback(server)
+
+
+def _read_to_eof(sock):
+    """Read what is there; False once the peer has closed (EOF or reset)."""
+    try:
+        return bool(sock.recv(65536))
+    except OSError:
+        return False
 
 
 # -- a client that never reads ----------------------------------------------------------------
