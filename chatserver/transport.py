@@ -46,6 +46,8 @@ SLOW_CLOSE_WAIT = 5.0  # seconds a slow consumer gets to take its 1008 before th
 IDLE_READERS = 64  # reader greenlets kept for the next connection that has bytes in
 TURN = 0.005  # seconds one connection may go on reading frames already in before the others run
 READ_PAUSE = 1024 * 1024  # bytes queued for a peer past which its requests wait (backpressure)
+CONTROL_RATE = 100  # control frames a peer may send a second (more is a flood: 1008)
+MIN_FRAGMENTS = 256  # frames one message may span, at least (else MAX_MESSAGE_SIZE / 64)
 HTTP_TIMEOUT = 10.0  # seconds a whole HTTP request and its answer may take (slowloris guard)
 # HTTP requests served at once (a WebSocket handshake is one, until the upgrade); more wait
 # in the listen backlog. With HTTP_TIMEOUT, it bounds what slow clients can hold: the file
@@ -90,7 +92,7 @@ class HardenedWebSocket(WebSocket):
 
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv", "_queued",
-                 "_paused", "_unacked", "_swept",
+                 "_paused", "_unacked", "_swept", "_window", "_controls",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
 
@@ -119,6 +121,7 @@ class HardenedWebSocket(WebSocket):
         self._paused = False  # reading waits for the writer to catch up (READ_PAUSE)
         self._unacked = 0  # bytes the peer had not acknowledged at the last sweep (quiet_for)
         self._swept = self.last_seen  # when keepalive last asked quiet_for
+        self._window, self._controls = self.last_seen, 0  # control frames this second
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
         try:
@@ -282,13 +285,14 @@ class HardenedWebSocket(WebSocket):
         return buf[:n]
 
     def _read_message(self):
-        opcode, parts, size, decoder = None, [], 0, None
+        opcode, parts, size, decoder, fragments = None, [], 0, None, 0
         while True:
             fin, op, masked, length = self._read_header()
             if not masked:
                 raise FrameError(frames.PROTOCOL_ERROR, "client frames must be masked")
             mask = self._read_exact(4)
             if op >= frames.OP_CLOSE:
+                self._count_control()
                 if self._control(op, frames.unmask(self._read_exact(length), mask)):
                     return None
                 if opcode is None:
@@ -297,6 +301,11 @@ class HardenedWebSocket(WebSocket):
             if op == frames.OP_CONT:
                 if opcode is None:
                     raise FrameError(frames.PROTOCOL_ERROR, "continuation frame without a message")
+                fragments += 1
+                if fragments > max(MIN_FRAGMENTS, self.max_size // 64):
+                    # Empty fragments never reach MAX_MESSAGE_SIZE: without this a message
+                    # could go on forever, a frame at a time, outside the rate limit.
+                    raise FrameError(frames.POLICY, "too many fragments in one message")
             elif opcode is not None:
                 raise FrameError(frames.PROTOCOL_ERROR, "new message before the last one ended")
             else:
@@ -349,6 +358,16 @@ class HardenedWebSocket(WebSocket):
             if length >> 63:
                 raise FrameError(frames.PROTOCOL_ERROR, "64-bit length with its top bit set")
         return fin, op, masked, length
+
+    def _count_control(self):
+        """Close with 1008 a peer that sends more than CONTROL_RATE control frames (pings,
+        pongs) a second: they are outside the message rate limit, and a pong costs a write."""
+        now = self.last_seen
+        if now - self._window >= 1.0:
+            self._window, self._controls = now, 0
+        self._controls += 1
+        if self._controls > CONTROL_RATE:
+            raise FrameError(frames.POLICY, "too many control frames")
 
     def _control(self, op, payload):
         """Answer a control frame; True when it ends the connection."""
