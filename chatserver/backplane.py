@@ -337,6 +337,7 @@ class RedisBackplane:
         self._deliver = None
         self._local_members = None
         self._channels = {}  # channel -> Event set once Redis confirmed the subscription
+        self._seen = {}  # watched room -> [epoch, highest message id this process has had]
         self._pending = {}  # channel -> SUBSCRIBE commands not yet confirmed
         self._sub = None  # the pub/sub connection
         self._write_lock = None
@@ -416,8 +417,34 @@ class RedisBackplane:
         if not self.up:
             if self._connected.is_set():
                 log.warning("Redis reachable again at %s", self._safe_url())
+                gevent.spawn(self._find_gaps)  # not in this greenlet: it must read replies
             self.up = True
         self._connected.set()
+
+    def _find_gaps(self):
+        """After an outage: a room whose messages went on elsewhere meanwhile (its sequence
+        is past what we had), or whose state Redis lost (a new epoch), is reported to the hub
+        as a "gap": what was published while we were not subscribed is not coming."""
+        rooms = list(self._seen)
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            k = _keys(room)
+            pipe.get(k["epoch"])
+            pipe.get(k["seq"])
+        try:
+            replies = self._call(pipe.execute)
+        except Unavailable:
+            return  # down again: the next reconnect looks again
+        for room, epoch, seq in zip(rooms, replies[::2], replies[1::2]):
+            seen = self._seen.get(room)
+            now = [_text(epoch) if epoch else None, int(seq or 0)]
+            if seen is None or (now[0] == seen[0] and now[1] <= seen[1]):
+                continue
+            log.warning("room %s: messages may have been missed while Redis was unreachable "
+                        "(%s)", room, "its state was lost" if now[0] != seen[0] else
+                        "%d published meanwhile" % (now[1] - seen[1]))
+            self._seen[room] = now
+            self._deliver({"k": "gap", "room": room})
 
     def _went_down(self, exc):
         if self.up:
@@ -444,6 +471,9 @@ class RedisBackplane:
                     event = {"k": "msg", "message": _message(
                         event["room"], event["id"], ["from", event["from"], "text", event["text"],
                                                      "ts", event["ts"], "ref", event.get("ref", "")])}
+                    seen = self._seen.get(event["message"]["room"])
+                    if seen is not None and event["message"]["id"] > seen[1]:
+                        seen[1] = event["message"]["id"]
                 self._deliver(event)
             except Exception:  # noqa: BLE001 - one bad event must not cost the subscription
                 log.exception("delivering an event from %s failed", channel)
@@ -490,6 +520,7 @@ class RedisBackplane:
 
     def unwatch(self, room):
         channel = _keys(room)["channel"]
+        self._seen.pop(room, None)
         if self._channels.pop(channel, None) is not None and self.up:
             try:
                 self._send("UNSUBSCRIBE", channel)
@@ -570,7 +601,15 @@ class RedisBackplane:
         messages = [_message(room, _text(eid).split("-")[0], fields) for eid, fields in entries]
         if not recovered:
             messages.reverse()  # XREVRANGE gave newest first
-        return messages, _text(got_epoch) or self._new_epoch_for(room), bool(recovered)
+        got_epoch = _text(got_epoch) or self._new_epoch_for(room)
+        if _keys(room)["channel"] in self._channels:  # watched: note where it stands (_find_gaps)
+            seen = self._seen.get(room)
+            last = messages[-1]["id"] if messages else (since or 0) if recovered else 0
+            if seen is None or seen[0] != got_epoch:
+                self._seen[room] = [got_epoch, last]
+            elif last > seen[1]:
+                seen[1] = last
+        return messages, got_epoch, bool(recovered)
 
     def _new_epoch_for(self, room):
         # A room never written to yet: fix its epoch now so clients can quote it later.

@@ -8,7 +8,8 @@ once per dialect and gives the same bytes to every recipient's ``send``, which n
 (see ``transport``), so one slow client cannot hold up a room.
 
 A client, as the hub sees it, has: ``id``, ``nick``, ``dialect`` (PLAIN or JSON), ``rooms``
-(a set of names), ``pending`` (a dict) and ``send(frame_bytes)``.
+(a set of names), ``pending`` (a dict), ``send(frame_bytes)`` and ``resync()`` (reconnect to
+catch up: messages were missed).
 """
 import logging
 import time
@@ -260,6 +261,8 @@ class Hub:
                 target.send(frames.text_frame(body))
         elif kind == "plain":
             self._fanout(event["room"], None, event["text"], event["from"])
+        elif kind == "gap":
+            self._resync(event["room"])
         elif kind in self._listeners:
             self._listeners[kind](event)
         else:
@@ -298,6 +301,22 @@ class Hub:
                         continue
                     del member.pending[room]  # later ids only from here on
             member.send(frame)
+
+    def _resync(self, room):
+        """Messages of ``room`` were missed (the shared store was unreachable, or lost its
+        data): JSON members are asked to reconnect, which catches them up with since/epoch
+        (or starts them afresh in a new epoch); plain members' floors go, since ids may
+        have started again."""
+        resynced = 0
+        for member in tuple(self.local.get(room, {}).values()):
+            held = member.pending.get(room)
+            if held is not None and held.__class__ is not list:
+                del member.pending[room]
+            if member.dialect == JSON:
+                member.resync()
+                resynced += 1
+        if resynced:
+            log.warning("room %s: %d JSON clients asked to reconnect to catch up", room, resynced)
 
     # -- inside --------------------------------------------------------------------------
 

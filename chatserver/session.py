@@ -42,6 +42,12 @@ class Connection:
         # The hub's fan-out calls send once per recipient: the socket's own method, unwrapped.
         self.send = ws.send_frame_bytes
 
+    def resync(self):
+        """Messages meant for it were missed: the client reconnects, and catches up with
+        since/epoch (close code 1012, "service restart": try again at once)."""
+        self.ws.close(frames.SERVICE_RESTART, "messages were missed while the shared store "
+                      "was unreachable; reconnect to catch up")
+
     def send_json(self, obj):
         self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))
 

@@ -12,7 +12,8 @@ from chatserver.protocol import ProtocolError
 
 
 class FakeClient:
-    """What the hub needs of a client: id, nick, dialect, rooms, pending and send(frame_bytes)."""
+    """What the hub needs of a client: id, nick, dialect, rooms, pending, send(frame_bytes)
+    and resync()."""
 
     def __init__(self, dialect=JSON):
         self.id = None
@@ -21,9 +22,13 @@ class FakeClient:
         self.rooms = set()
         self.pending = {}
         self.frames = []
+        self.resyncs = 0
 
     def send(self, frame):
         self.frames.append(frame)
+
+    def resync(self):
+        self.resyncs += 1
 
     def texts(self):
         """The text payloads received so far (and forget them)."""
@@ -396,6 +401,24 @@ def test_answers_carry_the_newest_history_that_fits_and_say_when_some_is_missing
     assert join(hub, a, "dev", since=18, epoch=epoch)["recovered"] is True
     b, welcome = connect(hub)
     assert 3 <= len(welcome["history"]) <= 6 and welcome["history"][-1]["text"][:2] == "19"
+
+
+def test_a_gap_asks_json_members_to_reconnect_and_lifts_plain_floors(hub):
+    """When the backplane reports that a room's messages were missed (a "gap" after an outage),
+    its JSON members are asked to reconnect; plain members forget their floor, so the first
+    ids of a new epoch reach them."""
+    a, _ = connect(hub)
+    hub.say(a, "lobby", "one")
+    j, _ = connect(hub)
+    p, _ = connect(hub, PLAIN)
+    assert p.pending == {"lobby": 1}  # ids up to 1 were in its answer
+    hub.deliver({"k": "gap", "room": "lobby"})
+    assert (a.resyncs, j.resyncs, p.resyncs) == (1, 1, 0)
+    assert p.pending == {}
+    clear(p)
+    hub.deliver({"k": "msg", "message": {"type": "message", "room": "lobby", "id": 1, "ts": 1.0,
+                                         "from": {"id": a.id, "nick": a.nick}, "text": "anew"}})
+    assert p.texts() == ['Client %d says "anew"' % a.id]
 
 
 def test_room_without_members_or_history_starts_a_new_epoch(hub):

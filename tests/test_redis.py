@@ -247,7 +247,9 @@ def test_redis_refusing_commands_is_unavailable_not_a_crash(pair, redis_server, 
 
 def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
     """Redis down: plain relay goes on locally, JSON messages get `unavailable`, /healthz says
-    degraded, the outage is logged once; Redis back: everything heals, nothing leaks."""
+    degraded, the outage is logged once; Redis back (empty: this one keeps nothing), JSON
+    clients are asked to reconnect (1012) to catch up, plain ones miss nothing new, and
+    everything heals, nothing leaks."""
     a, b = pair
     p1 = clients.plain(a)
     registered(a, 1)
@@ -257,13 +259,18 @@ def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
     for c in (p1, p2):
         c.recv()  # j_a's arrival on a; j_b's arrival too
         c.recv()
+    j_a.send(type="message", text="before", ref="outage-0")
+    assert j_a.wait("ack")["id"] == 1
+    p3 = clients.plain(a)  # joins when the lobby's last id is 1
+    p3.send("p3 here")  # handled once p3 is registered
+    j_b.wait("message", text="p3 here")
     baseline = health(a)["greenlets"]
 
     redis_server.stop()
     poll(lambda: health(a)["status"] == "degraded")
     assert health(a)["redis"] == "down"
     p2.send("still here")
-    assert re.fullmatch(r'Client \d+ says "still here"', p1.recv())
+    assert re.fullmatch(r'Client \d+ says "still here"', p3.recv())
     j_a.send(type="message", text="lost?", ref="outage-1")
     err = j_a.wait("error")
     assert err["code"] == "unavailable" and err["ref"] == "outage-1"
@@ -272,10 +279,19 @@ def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
 
     redis_server.start()
     poll(lambda: health(a)["status"] == "ok" and health(b)["status"] == "ok", timeout=15)
+    for j in (j_a, j_b):
+        assert j.recv_until_closed(timeout=5).code == 1012
+    a.wait_for_log("room lobby: messages may have been missed .*its state was lost")
+    j_a, j_b = clients.json(a), clients.json(b)
     j_a.send(type="message", text="back", ref="outage-2")
-    assert j_a.wait("ack")["ref"] == "outage-2"
+    assert j_a.wait("ack")["id"] == 1  # a new epoch
     assert j_b.wait("message")["text"] == "back"  # resubscribed across processes
-    assert p1.recv() == 'Client %d says "back"' % j_a.id
+    # The new epoch's id 1 is not taken for the old id 1 that p3 joined after.
+    while True:
+        line = p3.recv()
+        if "says" in line:
+            break
+    assert line == 'Client %d says "back"' % j_a.id
     assert len([l for l in a.lines if "Redis unreachable" in l]) == 1
     assert health(a)["greenlets"] <= baseline + 2
 
