@@ -400,6 +400,7 @@ class RedisBackplane:
 
         if self._sub is not None:
             self._sub.disconnect()
+        self.redis.ping()  # within socket_timeout: a hung Redis accepts connections, then hangs
         conn = self.redis.connection_pool.make_connection()
         conn.socket_timeout = None  # pub/sub waits for events as long as it takes
         conn.connect()
@@ -534,6 +535,12 @@ class RedisBackplane:
             raise Unavailable("Redis is unreachable")
         try:
             return fn(*args, **kw)
+        except redis.exceptions.TimeoutError as exc:
+            # A Redis that hangs (stopped, swapping) keeps its connections open: the pub/sub
+            # reader, which waits without a timeout, would never notice, and every call
+            # would wait socket_timeout. Down until the listener reconnects and Redis answers.
+            self._went_down(exc)
+            raise Unavailable(str(exc)) from None
         except self._errors as exc:
             raise Unavailable(str(exc)) from None
         except redis.exceptions.RedisError as exc:

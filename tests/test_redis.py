@@ -1,4 +1,5 @@
 """Scale-out: several server processes sharing one real redis-server (REDIS_URL)."""
+import os
 import re
 import signal
 import socket
@@ -341,3 +342,38 @@ def test_joining_while_the_last_members_leave_keeps_the_room_subscribed(pair, cl
         for c in leavers:
             c.wait("left", room=room)
     assert deaf == [], "the joiner heard nothing in trials %s" % deaf
+
+
+def test_redis_that_hangs_is_taken_for_down_and_heals(start_server, redis_server, clients):
+    """A Redis that stops answering but keeps its connections open (SIGSTOP: stopped, or
+    swapping) is found out by the first call that times out: /healthz says degraded, plain
+    lines go on at once and JSON messages get `unavailable` at once; once it answers again,
+    everything heals, and what it stored late is not lost to JSON clients."""
+    server = start_server(env={"REDIS_URL": redis_server.url})
+    p1, p2 = clients.plain(server), clients.plain(server)
+    j = clients.json(server)
+    p1.send("warm")  # everyone is registered once this goes round
+    assert j.wait("message")["text"] == "warm"
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        p1.send("during the hang")
+        poll(lambda: health(server)["status"] == "degraded", timeout=8)
+        start = time.monotonic()
+        p1.send("after it was found out")
+        j.send(type="message", text="json", ref="hang-0001")
+        assert j.wait("error")["code"] == "unavailable"
+        while not p2.recv(timeout=1).endswith('says "after it was found out"'):
+            pass
+        assert time.monotonic() - start < 1.0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    poll(lambda: health(server)["status"] == "ok", timeout=15)
+    # The line sent into the hang reached Redis's socket: Redis stores it once it goes on,
+    # after this process gave up on it. JSON clients missed it, so they are asked to
+    # reconnect (1012) and find it in the history.
+    closed = j.recv_until_closed(timeout=5)
+    assert closed.code == 1012
+    j = clients.json(server)
+    assert "during the hang" in [m["text"] for m in j.welcome["history"]]
+    j.send(type="message", text="back", ref="hang-0002")
+    assert j.wait("ack")["ref"] == "hang-0002"
