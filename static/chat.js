@@ -622,5 +622,7 @@ ui.nick.value = storedNick || "";
 const first = fromHash();
 logFor(LOBBY);
 activate(first);
+// Ready to type, as in other chat apps; not on touch screens, where it would open the keyboard.
+if (matchMedia("(pointer: fine)").matches) ui.text.focus({ preventScroll: true });
 renderStatus();
 client.start();

@@ -42,8 +42,9 @@ class Tabs:
         self.problems = []
         self.allowed = []
 
-    def open(self, server, path="/", viewport=None, init_script=None, wait=True):
-        context = self.browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+    def open(self, server, path="/", viewport=None, init_script=None, wait=True, touch=False):
+        context = self.browser.new_context(viewport=viewport or {"width": 1200, "height": 800},
+                                           has_touch=touch, is_mobile=touch)
         self.contexts.append(context)
         if init_script:
             context.add_init_script(init_script)
@@ -123,10 +124,13 @@ def wait_until(page, predicate, timeout=5.0, what="condition"):
 # -- the scenarios -------------------------------------------------------------------------------
 
 def test_two_tabs_chat_both_ways(server, tabs):
-    """What one tab sends the other shows, both ways, with local times and acks."""
+    """What one tab sends the other shows, both ways, with local times and acks; the message
+    box has the focus from the start."""
     a = tabs.open(server)
     b = tabs.open(server)
-    say(a, "Hello from A")
+    expect(a.get_by_test_id("composer")).to_be_focused()
+    a.keyboard.type("Hello from A")
+    a.keyboard.press("Enter")
     expect(message(b, "Hello from A")).to_be_visible()
     expect(message(a, "Hello from A")).to_have_attribute("data-status", "sent")
     say(b, "Hi A, B here")
@@ -422,8 +426,9 @@ def test_recipe_pages_say_hello_world_to_each_other(server, tabs):
 def test_phone_width_keyboard_and_screen_reader_basics(server, tabs):
     """At phone width nothing overflows and the panels are drawers; the page works by
     keyboard alone and names its regions for screen readers."""
-    a = tabs.open(server, viewport={"width": 375, "height": 740})
+    a = tabs.open(server, viewport={"width": 375, "height": 740}, touch=True)
     assert a.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert a.evaluate("document.activeElement === document.body")  # no keyboard popping up
     expect(a.locator("#sidebar")).not_to_be_visible()
     expect(a.get_by_role("textbox", name="Message #lobby")).to_be_visible()
     expect(a.get_by_role("log", name="Messages in #lobby")).to_have_attribute("aria-live", "polite")
