@@ -209,6 +209,7 @@ EMPTY_ROOMS_KEPT = 1000
 
 ROOM_TTL = 7 * 24 * 3600  # a room nobody wrote to for this long is forgotten (its keys expire)
 SUBSCRIBE_WAIT = 3.0  # seconds to wait for Redis to confirm a subscription
+GAP_SETTLE = 0.5  # seconds for messages already published to arrive, before counting a gap
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # reconnect delays, doubled with jitter up to the cap
 
 # KEYS: seq, stream, epoch, refs. ARGV: channel, new epoch, history size, sender json, text,
@@ -343,6 +344,7 @@ class RedisBackplane:
         self._write_lock = None
         self.up = False
         self._greenlets = []
+        self._listener = None  # the one greenlet that reads (and drops) the pub/sub connection
 
     # -- life --------------------------------------------------------------------------
 
@@ -354,7 +356,8 @@ class RedisBackplane:
         self._local_members = local_members
         self._write_lock = gevent.lock.BoundedSemaphore()
         self._connected = gevent.event.Event()
-        self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._refresh_forever)]
+        self._listener = gevent.spawn(self._listen)
+        self._greenlets = [self._listener, gevent.spawn(self._refresh_forever)]
         self._connected.wait(SUBSCRIBE_WAIT)
         if not self.up:
             log.warning("Redis at %s is not reachable yet; retrying in the background",
@@ -426,6 +429,8 @@ class RedisBackplane:
         """After an outage: a room whose messages went on elsewhere meanwhile (its sequence
         is past what we had), or whose state Redis lost (a new epoch), is reported to the hub
         as a "gap": what was published while we were not subscribed is not coming."""
+        for event in list(self._channels.values()):
+            event.wait(SUBSCRIBE_WAIT)  # subscribed again: from here on nothing is missed
         rooms = list(self._seen)
         pipe = self.redis.pipeline(transaction=False)
         for room in rooms:
@@ -436,6 +441,9 @@ class RedisBackplane:
             replies = self._call(pipe.execute)
         except Unavailable:
             return  # down again: the next reconnect looks again
+        # What was published before those reads, after we subscribed, is on its way to us:
+        # let it arrive before counting it as missed.
+        gevent.sleep(GAP_SETTLE)
         for room, epoch, seq in zip(rooms, replies[::2], replies[1::2]):
             seen = self._seen.get(room)
             now = [_text(epoch) if epoch else None, int(seq or 0)]
@@ -447,10 +455,14 @@ class RedisBackplane:
             self._seen[room] = now
             self._deliver({"k": "gap", "room": room})
 
+    def _log_down(self, exc):
+        log.error("Redis unreachable (%s); plain-text relay goes on locally, JSON messages "
+                  "are refused with 'unavailable' until it is back", exc)
+
     def _went_down(self, exc):
+        """In the listener only: down, and the pub/sub connection dropped."""
         if self.up:
-            log.error("Redis unreachable (%s); plain-text relay goes on locally, JSON messages "
-                      "are refused with 'unavailable' until it is back", exc)
+            self._log_down(exc)
         self.up = False
         for event in self._channels.values():
             event.clear()
@@ -485,11 +497,13 @@ class RedisBackplane:
                 self._channels[channel].set()
 
     def _send(self, *command):
-        sub = self._sub
-        if sub is None or not self.up:
+        if self._sub is None or not self.up:
             raise Unavailable("Redis is unreachable")
         try:
             with self._write_lock:
+                sub = self._sub
+                if sub is None or not self.up:  # dropped while we waited for the lock
+                    raise Unavailable("Redis is unreachable")
                 if command[0] in ("SUBSCRIBE", "UNSUBSCRIBE"):
                     # A watch and an unwatch of one channel can both wait for the lock: each
                     # command goes only if it is still what _channels wants, or the later
@@ -513,8 +527,8 @@ class RedisBackplane:
             try:
                 self._send("SUBSCRIBE", channel)
             except Unavailable:
-                if self._channels.get(channel) is event:
-                    del self._channels[channel]
+                # The wish stays (a reconnect subscribes to it): others may share it by
+                # now; the caller's cleanup unwatches once nobody does.
                 raise
         if self._channels.get(channel) is event and not event.wait(SUBSCRIBE_WAIT):
             raise Unavailable("Redis did not confirm the subscription to %s" % channel)
@@ -539,7 +553,11 @@ class RedisBackplane:
             # A Redis that hangs (stopped, swapping) keeps its connections open: the pub/sub
             # reader, which waits without a timeout, would never notice, and every call
             # would wait socket_timeout. Down until the listener reconnects and Redis answers.
-            self._went_down(exc)
+            # (Only the listener touches the pub/sub connection: it is told, not bypassed.)
+            if self.up:
+                self._log_down(exc)
+                self.up = False
+                self._listener.kill(exc, block=False)
             raise Unavailable(str(exc)) from None
         except self._errors as exc:
             raise Unavailable(str(exc)) from None

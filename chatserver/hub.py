@@ -355,10 +355,13 @@ class Hub:
             if new:
                 self._exit(client, name, announce=entered)
             elif name in client.rooms:
-                # Still a member: what arrived meanwhile is delivered, not dropped.
-                for _msg_id, frame in held or ():
-                    client.send(frame)
-                if floor is not None and floor.__class__ is not list:
+                # Still a member: what arrived meanwhile is delivered, not dropped (but not
+                # what its last answer held already: the floor).
+                last = floor if floor.__class__ is int else 0
+                for msg_id, frame in held or ():
+                    if msg_id is None or msg_id > last:
+                        client.send(frame)
+                if floor.__class__ is int:
                     client.pending[name] = floor
             raise
         return {"members": members, "member_count": count, "history": history,

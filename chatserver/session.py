@@ -46,7 +46,7 @@ class Connection:
         """Messages meant for it were missed: the client reconnects, and catches up with
         since/epoch (close code 1012, "service restart": try again at once)."""
         self.ws.close(frames.SERVICE_RESTART, "messages were missed while the shared store "
-                      "was unreachable; reconnect to catch up")
+                      "was unreachable, or it lost them; reconnect to catch up")
 
     def send_json(self, obj):
         self.ws.send_frame_bytes(frames.text_frame(protocol.encode(obj)))

@@ -49,9 +49,10 @@ READ_PAUSE = 1024 * 1024  # bytes queued for a peer past which its requests wait
 CONTROL_RATE = 100  # control frames a peer may send a second (more is a flood: 1008)
 MIN_FRAGMENTS = 256  # frames one message may span, at least (else MAX_MESSAGE_SIZE / 64)
 HTTP_TIMEOUT = 10.0  # seconds a whole HTTP request and its answer may take (slowloris guard)
-# HTTP requests served at once (a WebSocket handshake is one, until the upgrade); more wait
-# in the listen backlog. With HTTP_TIMEOUT, it bounds what slow clients can hold: the file
-# descriptors beyond MAX_CONNECTIONS are few (chat.py keeps 256 spare).
+# HTTP connections served at once (a WebSocket's, until the upgrade; a kept-alive one while
+# it waits for its next request, until slots run short); more wait in the listen backlog.
+# With HTTP_TIMEOUT, it bounds what slow clients can hold: the file descriptors beyond
+# MAX_CONNECTIONS are few (chat.py keeps 256 spare).
 HTTP_CONCURRENCY = 200
 LOGGED_REQUEST_LINE = 512  # characters of a request line the access log keeps
 MALFORMED = b"Malformed HTTP request.\n"
@@ -210,13 +211,15 @@ class HardenedWebSocket(WebSocket):
     def quiet_for(self, now):
         """Seconds since the peer last showed it is alive; keepalive asks once a sweep.
 
-        A sign of life is a frame from it (a pong, say), or that it read some of what we sent:
-        a peer far behind is slow, not gone, though its pongs reach us late (they wait behind
-        its requests, see READ_PAUSE, and it reads them late). The writer sees the socket take
-        bytes; for a peer not heard from since the last sweep, the kernel's count of bytes it
-        has not acknowledged (SIOCOUTQ, Linux) going down shows it too.
+        A sign of life is a frame from it (a pong, say), or that its TCP stack took more of
+        what we sent: a peer far behind is slow, not gone, though its pongs reach us late
+        (they wait behind its requests, see READ_PAUSE, and it reads them late). The writer
+        sees the socket take bytes; for a peer not heard from since the last sweep, the
+        kernel's count of bytes it has not acknowledged (SIOCOUTQ, Linux) going down shows it
+        too. (A peer whose program hangs but whose kernel still takes bytes looks alive until
+        its receive buffer is full.)
         """
-        if self.last_seen < self._swept:
+        if self.last_seen <= self._swept:  # nothing from it since the last sweep
             try:
                 unacked = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ,
                                                          b"\0\0\0\0"))[0]
@@ -292,7 +295,8 @@ class HardenedWebSocket(WebSocket):
                 raise FrameError(frames.PROTOCOL_ERROR, "client frames must be masked")
             mask = self._read_exact(4)
             if op >= frames.OP_CLOSE:
-                self._count_control()
+                if op != frames.OP_CLOSE:
+                    self._count_control()
                 if self._control(op, frames.unmask(self._read_exact(length), mask)):
                     return None
                 if opcode is None:
@@ -484,7 +488,9 @@ class HardenedWebSocket(WebSocket):
                 self._queued -= size
                 data = memoryview(b"".join(batch) if len(batch) > 1 else batch[0])
                 while data:
-                    data = data[self.sock.send(data, timeout=None):]  # waits, unlike ours
+                    # gevent's send waits for the socket to take bytes (this socket has no
+                    # timeout), then sends what it takes.
+                    data = data[self.sock.send(data):]
                     self.last_seen = time.monotonic()  # it reads: see quiet_for
         except OSError:
             self.abort()
@@ -662,6 +668,17 @@ class ChatHandler(WebSocketHandler):
             return super().handle_one_request()
         finally:
             self._deadline.close()
+
+    def read_request(self, requestline):
+        ok = super().read_request(requestline)
+        pool = getattr(self.server, "pool", None)
+        if ok and pool is not None and pool.free_count() < HTTP_CONCURRENCY // 4 and \
+                self.headers.get("Upgrade", "").lower() != "websocket":
+            # A connection kept alive holds its slot while it waits for its next request:
+            # once slots run short, answer and close, so that idle browsers (or a crowd of
+            # them) cannot keep new WebSocket handshakes waiting.
+            self.close_connection = True
+        return ok
 
     def format_request(self):
         """The access log line: peer, request line, status, bytes sent, seconds taken. The

@@ -282,11 +282,14 @@ function renderMembers() {
     people = [client.self, conv.peer].filter((p) => p && p.id !== null);
     setText(ui.membersTitle, "In this conversation");
   }
-  people.sort((a, b) => (b.id === client.self.id) - (a.id === client.self.id) ||
+  // (In a direct conversation that ended with a server restart, our new id may be the
+  // peer's old one: there, we are the self object itself.)
+  const isSelf = (p) => (conv.kind === "direct" ? p === client.self : p.id === client.self.id);
+  people.sort((a, b) => isSelf(b) - isSelf(a) ||
     a.nick.localeCompare(b.nick, undefined, { sensitivity: "base" }));
   keepFocus(ui.members, "data-id", () => ui.members.replaceChildren(...people.map((person) => {
     const face = h("span", { class: `avatar small ${hueOf(person.nick)}`, "aria-hidden": "true", text: initials(person.nick) });
-    if (person.id === client.self.id) {
+    if (isSelf(person)) {
       return h("li", { "data-id": String(person.id) }, h("span", { class: "member self" }, face,
         h("span", { class: "member-name", text: person.nick }), h("span", { class: "you", text: "you" })));
     }

@@ -630,7 +630,8 @@ export class ChatClient extends EventTarget {
     const ref = typeof msg.ref === "string" ? msg.ref : "";
     if (!ref.startsWith("dm:")) return;
     const entry = this.pending.get(ref.slice(3));
-    if (!entry) return;
+    // (sentOn null: the direct itself was refused, to be sent again; this answers that try.)
+    if (!entry || entry.sentOn === null) return;
     this.pending.delete(entry.ref);
     if (entry.status === "pending") entry.status = "sent";
     this.#emit("entries", { key: entry.room, added: [] });
@@ -640,14 +641,24 @@ export class ChatClient extends EventTarget {
     const ref = typeof msg.ref === "string" ? msg.ref : null;
     const code = String(msg.code);
     const text = String(msg.message || code);
+    if (ref && ref.startsWith("dm:")) {
+      // Any answer to the ping after a direct, even a refusal, means the direct itself was
+      // handled without an error (those come first, in order): it went through.
+      this.#onPong({ ref });
+      return;
+    }
     const entry = ref && this.pending.get(ref);
+    if (!entry && code === "no_such_client") return; // another direct to an ended conversation
     if (entry) {
       if (code === "unavailable" && entry.kind === "message") {
         entry.sentOn = null; // not stored: the next tick sends it again
         return;
       }
-      if (code === "rate_limited" && entry.kind === "message") {
-        this.#resendLater([entry]); // we sent too fast: again, with its ref, after a pause
+      if (code === "rate_limited") {
+        // We sent too fast: again after a pause (a message with its ref; a direct was not
+        // sent, so sending it again cannot make two).
+        if (entry.kind === "direct") entry.sentOn = null;
+        this.#resendLater([entry]);
         return;
       }
       const conv = this.conversations.get(entry.room);
@@ -710,7 +721,8 @@ export class ChatClient extends EventTarget {
   #flush() {
     if (!this.connected) return;
     for (const entry of this.pending.values()) {
-      if (entry.kind === "direct" && entry.sentOn === null) {
+      if (entry.kind === "direct") {
+        if (entry.sentOn !== null || this.held.has(entry)) continue;
         const conv = this.conversations.get(entry.room);
         this.#send({ type: "direct", to: conv.peer.id, text: entry.text, ref: entry.ref });
         // Requests are answered in order, so this pong means the direct went through,
@@ -755,6 +767,7 @@ export class ChatClient extends EventTarget {
     this.#notice(conv, `This conversation has ended: ${why}.`, [0, conv.seq + 1, 0]);
     this.#emit("entries", { key: conv.key, added: [] });
     this.#emit("rooms");
+    this.#emit("members", { key: conv.key }); // its header, member list and composer change
   }
 
   #forget(conv) {

@@ -408,6 +408,24 @@ def test_requests_trickled_byte_by_byte_are_dropped_after_http_timeout(start_ser
     assert_no_traceback(server)
 
 
+def test_idle_kept_alive_connections_do_not_keep_handshakes_waiting(start_server, clients):
+    """As many kept-alive HTTP connections as are served at once, each idle after one answer
+    (a crowd of browsers), do not make a new WebSocket handshake wait: once slots run short,
+    answers close their connection."""
+    server = start_server()
+    idle = []
+    for _ in range(HTTP_CONCURRENCY):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        idle.append(s)
+    start = time.monotonic()
+    newcomer = clients.json(server)
+    assert newcomer.id and time.monotonic() - start < 2.0
+    for s in idle:
+        s.close()
+
+
 def _read_to_eof(sock):
     """Read what is there; False once the peer has closed (EOF or reset)."""
     try:

@@ -230,7 +230,8 @@ def test_presence_and_typing(server, tabs):
 
 
 def test_direct_messages(server, tabs):
-    """Clicking a member opens a private conversation; the other side sees it, with a count."""
+    """Clicking a member opens a private conversation; the other side sees it, with a count;
+    once the other side is gone, the conversation says it has ended."""
     a = tabs.open(server)
     b = tabs.open(server)
     set_nick(a, "Ada")
@@ -248,6 +249,15 @@ def test_direct_messages(server, tabs):
     directs.get_by_role("button", name=re.compile("Ada")).click()
     say(b, "got it")
     expect(dm_a.get_by_test_id("message").filter(has_text="got it")).to_be_visible()
+
+    # Bea leaves: the next direct finds no one, and the conversation says it has ended.
+    b.context.close()
+    say(a, "still there?")
+    expect(dm_a.get_by_test_id("message").filter(has_text="still there?")).to_have_attribute(
+        "data-status", "failed")
+    expect(a.locator("#room-meta")).to_have_text("Ended: Bea is no longer connected")
+    expect(a.get_by_test_id("composer")).to_be_disabled()
+    expect(members(a).get_by_role("button")).to_have_count(0)
 
 
 def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
@@ -508,3 +518,4 @@ def test_protocol_client_on_its_own(server, browser):
     assert d["restart"] == ["the server restarted, and ids now name other people", "failed",
                             "the server restarted, and ids now name other people", 0]
     assert d["incomingAfterRestart"] == [True, "Dee", 2]
+    assert d["rateLimited"] == ["pending", 1, 2, "sent", 0]

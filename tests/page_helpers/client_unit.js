@@ -98,10 +98,15 @@ async () => {
   // Direct messages go to a connection: typed offline they wait for the next connection;
   // one that went out unconfirmed is not sent twice; a peer that is gone, or a server
   // restart (ids start again, so id 5 may be someone else), ends the conversation.
-  const dm = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
-  dm.start();
-  let sock = sockets.at(-1);
-  sock.deliver(welcome(3, "d1", []));
+  // A client welcomed as id 3 in lobby epoch `epoch`, and its socket.
+  const welcomed = (epoch) => {
+    const c = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+    c.start();
+    sockets.at(-1).deliver(welcome(3, epoch, []));
+    return [c, sockets.at(-1)];
+  };
+  const [dm, first] = welcomed("d1");
+  let sock = first;
   const bob = dm.direct({ id: 5, nick: "Bob" });
   const sentDirect = dm.send(bob.key, "hello bob");
   sock.drop();  // before its pong
@@ -129,5 +134,19 @@ async () => {
   const dee = [...dm.conversations.values()].find((c) => c.kind === "direct" && !c.ended && c.peer.id === 6);
   out.directs.incomingAfterRestart = [dee && dee.key !== carl.key, dee && dee.name, carl.entries.length];
   dm.stop();
+
+  // A direct refused as too fast is not failed: sent again after the pause (the pong that
+  // follows the refusal confirms nothing); a refused ping after a direct confirms it.
+  const [dm2, s2] = welcomed("d9");
+  const eve = dm2.direct({ id: 7, nick: "Eve" });
+  const fast = dm2.send(eve.key, "too fast");
+  s2.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: fast.ref });
+  s2.deliver({ type: "pong", ref: "dm:" + fast.ref });
+  const tries = () => s2.sent.filter((f) => f.type === "direct" && f.ref === fast.ref).length;
+  out.directs.rateLimited = [fast.status, tries()];
+  for (let i = 0; i < 60 && tries() < 2; i++) await wait(50);
+  s2.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "dm:" + fast.ref });
+  out.directs.rateLimited.push(tries(), fast.status, dm2.pending.size);
+  dm2.stop();
   return out;
 }
