@@ -83,8 +83,9 @@ class LocalBackplane:
         members[member["id"]] = member
         return len(members)
 
-    def exit(self, room, member_id):
-        """Remove a member from the room's presence; returns the room's size."""
+    def exit(self, room, member_id, nick=None):
+        """Remove a member from the room's presence; returns the room's size. (``nick``: for
+        a leave notice, should it have to be given later.)"""
         members = self._presence.get(room, {})
         members.pop(member_id, None)
         if not members:
@@ -210,6 +211,7 @@ EMPTY_ROOMS_KEPT = 1000
 ROOM_TTL = 7 * 24 * 3600  # a room nobody wrote to for this long is forgotten (its keys expire)
 SUBSCRIBE_WAIT = 3.0  # seconds to wait for Redis to confirm a subscription
 GAP_SETTLE = 0.5  # seconds for messages already published to arrive, before counting a gap
+UNFINISHED_MAX = 100000  # leaves during an outage told to Redis once it is back
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # reconnect delays, doubled with jitter up to the cap
 
 # KEYS: seq, stream, epoch, refs. ARGV: channel, new epoch, history size, sender json, text,
@@ -339,6 +341,8 @@ class RedisBackplane:
         self._local_members = None
         self._channels = {}  # channel -> Event set once Redis confirmed the subscription
         self._seen = {}  # watched room -> [epoch, highest message id this process has had]
+        self._unfinished = {}  # (room, id) of leaves Redis did not hear of -> the member's
+        # nick, or (None, id) of connections it did not hear close: done once it is back
         self._pending = {}  # channel -> SUBSCRIBE commands not yet confirmed
         self._sub = None  # the pub/sub connection
         self._write_lock = None
@@ -421,9 +425,36 @@ class RedisBackplane:
         if not self.up:
             if self._connected.is_set():
                 log.warning("Redis reachable again at %s", self._safe_url())
-                gevent.spawn(self._find_gaps)  # not in this greenlet: it must read replies
+                gevent.spawn(self._after_outage)  # not in this greenlet: it reads replies
             self.up = True
         self._connected.set()
+
+    def _note_unfinished(self, room, member_id, nick):
+        # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly.
+        if len(self._unfinished) < UNFINISHED_MAX:
+            self._unfinished[(room, member_id)] = nick
+
+    def _after_outage(self):
+        self._finish_leaves()
+        self._find_gaps()
+
+    def _finish_leaves(self):
+        """Tell Redis of the connections that closed, and the members that left, while it was
+        unreachable. Other processes still list them; a leave notice goes to them, not to
+        this process's clients, which were told at the time (and would otherwise hear it
+        again when the member's presence expires)."""
+        for (room, member_id), nick in list(self._unfinished.items()):
+            try:
+                if room is None:
+                    self._call(self.redis.zrem, CLIENTS, member_id)
+                elif self._call(self.redis.zrem, _keys(room)["presence"], member_id):
+                    self._call(self.redis.hdel, _keys(room)["info"], member_id)
+                    self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
+                        {"k": "presence", "room": room, "event": "leave", "o": self.origin,
+                         "member": {"id": member_id, "nick": nick}, "told": self.origin}))
+            except Unavailable:
+                return  # down again: the next reconnect goes on
+            del self._unfinished[(room, member_id)]
 
     def _find_gaps(self):
         """After an outage: a room whose messages went on elsewhere meanwhile (its sequence
@@ -479,6 +510,8 @@ class RedisBackplane:
             except ValueError:
                 log.warning("dropped a malformed event on %s", channel)
                 return
+            if event.get("told") == self.origin:
+                return  # our clients heard this one at the time (_finish_leaves)
             try:
                 if event.get("k") == "msg":
                     event = {"k": "msg", "message": _message(
@@ -573,9 +606,14 @@ class RedisBackplane:
         self._call(self.redis.zadd, CLIENTS, {member["id"]: self._expiry()})
 
     def offline(self, member_id):
-        self._call(self.redis.zrem, CLIENTS, member_id)
+        try:
+            self._call(self.redis.zrem, CLIENTS, member_id)
+        except Unavailable:
+            self._note_unfinished(None, member_id, None)
+            raise
 
     def enter(self, room, member):
+        self._unfinished.pop((room, member["id"]), None)  # back before Redis heard it left
         k = _keys(room)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(k["presence"], {member["id"]: self._expiry()})
@@ -583,13 +621,17 @@ class RedisBackplane:
         pipe.zcard(k["presence"])
         return self._call(pipe.execute)[-1]
 
-    def exit(self, room, member_id):
+    def exit(self, room, member_id, nick=None):
         k = _keys(room)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(k["presence"], member_id)
         pipe.hdel(k["info"], member_id)
         pipe.zcard(k["presence"])
-        return self._call(pipe.execute)[-1]
+        try:
+            return self._call(pipe.execute)[-1]
+        except Unavailable:
+            self._note_unfinished(room, member_id, nick)
+            raise
 
     def rename(self, rooms, member):
         pipe = self.redis.pipeline(transaction=False)

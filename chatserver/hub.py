@@ -388,7 +388,7 @@ class Hub:
         client.rooms.discard(name)
         client.pending.pop(name, None)
         try:
-            size = self.backplane.exit(name, client.id)
+            size = self.backplane.exit(name, client.id, client.nick)
         except Unavailable:
             size = len(members)
         # Notices stop above the limit: a room that had limit+1 members was unannounced.

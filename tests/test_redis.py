@@ -377,3 +377,41 @@ def test_redis_that_hangs_is_taken_for_down_and_heals(start_server, redis_server
     assert "during the hang" in [m["text"] for m in j.welcome["history"]]
     j.send(type="message", text="back", ref="hang-0002")
     assert j.wait("ack")["ref"] == "hang-0002"
+
+
+def test_leaving_while_redis_hangs_is_told_to_the_others_once_it_is_back(start_server,
+                                                                        redis_server, clients):
+    """A client that leaves while Redis cannot hear of it (here: hung, so it keeps its data)
+    is told to the clients of its own process at once, and to the other processes once Redis
+    is back; its own process's clients do not hear it twice when its presence would have
+    expired."""
+    # A presence TTL longer than the hang, or every member of a would expire meanwhile.
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "6"}
+    a, b = start_server(env=env), start_server(env=env)
+    p1 = clients.plain(a)
+    leaver = clients.json(a)
+    watcher = clients.json(b)
+    p1.send("all here")  # handled once p1 is registered
+    assert watcher.wait("message")["text"] == "all here"
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        p1.send("into the hang")
+        poll(lambda: health(a)["status"] == "degraded", timeout=8)
+        leaver.close()
+        gone = "Client %d disconnected." % leaver.id
+        while p1.recv() != gone:
+            pass
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    event = watcher.wait("presence", timeout=10, event="leave")
+    assert event["member"] == {"id": leaver.id, "nick": "Client %d" % leaver.id}
+    watcher.send(type="join", room="lobby")
+    assert leaver.id not in [m["id"] for m in watcher.wait("joined")["members"]]
+    time.sleep(6)  # past PRESENCE_TTL: its presence would have expired by now
+    heard = []
+    while True:
+        line = p1.quiet(0.3)
+        if line is None:
+            break
+        heard.append(line)
+    assert gone not in heard
