@@ -292,6 +292,11 @@ end
 """
 
 
+class _Hung(BaseException):
+    """Raised in the listener when a call found Redis hung (see RedisBackplane._call): a
+    BaseException, so that no boundary on the way (one event's, say) takes it for its own."""
+
+
 def _keys(room):
     base = "chat:room:" + room
     return {"seq": base + ":seq", "stream": base + ":history", "epoch": base + ":epoch",
@@ -395,12 +400,15 @@ class RedisBackplane:
                 delay = BACKOFF_MIN
                 while True:
                     self._on_reply(self._sub.read_response(push_request=True))
-            except self._errors + (redis.exceptions.ResponseError,) as exc:
+            except (_Hung,) + self._errors + (redis.exceptions.ResponseError,) as exc:
                 self._went_down(exc)
             except Exception:  # noqa: BLE001 - the one boundary of this greenlet
                 log.exception("Redis listener failed; reconnecting")
                 self._went_down(None)
-            gevent.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                gevent.sleep(delay * (0.5 + random.random() / 2))
+            except _Hung:
+                pass  # a timeout elsewhere (see _call), told while we were down already
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _connect_subscriber(self):
@@ -429,6 +437,20 @@ class RedisBackplane:
             self.up = True
         self._connected.set()
 
+    def _note_id(self, room, msg_id):
+        """Note a message id received for ``room``; True when ids were skipped: a room's ids
+        come one after another (INCR), so a jump means some were published while we were
+        not subscribed (messages go on arriving after a reconnect, so _find_gaps, which
+        compares with Redis's sequence, would not see it)."""
+        seen = self._seen.get(room)
+        if seen is None:
+            return False  # not a room we answer joins for
+        if seen[1] is None or msg_id > seen[1]:
+            skipped = seen[1] is not None and msg_id > seen[1] + 1
+            seen[1] = msg_id
+            return skipped
+        return False  # already in a history answer
+
     def _note_unfinished(self, room, member_id, nick):
         # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly.
         if len(self._unfinished) < UNFINISHED_MAX:
@@ -443,25 +465,38 @@ class RedisBackplane:
         unreachable. Other processes still list them; a leave notice goes to them, not to
         this process's clients, which were told at the time (and would otherwise hear it
         again when the member's presence expires)."""
-        for (room, member_id), nick in list(self._unfinished.items()):
+        for key in list(self._unfinished):
+            if key not in self._unfinished:
+                continue  # back meanwhile (enter), or done by an earlier pass
+            room, member_id = key
             try:
                 if room is None:
                     self._call(self.redis.zrem, CLIENTS, member_id)
-                elif self._call(self.redis.zrem, _keys(room)["presence"], member_id):
-                    self._call(self.redis.hdel, _keys(room)["info"], member_id)
-                    self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
-                        {"k": "presence", "room": room, "event": "leave", "o": self.origin,
-                         "member": {"id": member_id, "nick": nick}, "told": self.origin}))
+                else:
+                    k = _keys(room)
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.zrem(k["presence"], member_id)
+                    pipe.hdel(k["info"], member_id)
+                    self._call(pipe.execute)
+                    # Told even if Redis had it removed already: a call that timed out in
+                    # the hang may have run once Redis went on, and told no one.
+                    if key in self._unfinished:
+                        self._call(self.redis.publish, k["channel"], json.dumps(
+                            {"k": "presence", "room": room, "event": "leave", "o": self.origin,
+                             "member": {"id": member_id, "nick": self._unfinished[key]},
+                             "told": self.origin}))
             except Unavailable:
                 return  # down again: the next reconnect goes on
-            del self._unfinished[(room, member_id)]
+            self._unfinished.pop(key, None)
 
     def _find_gaps(self):
         """After an outage: a room whose messages went on elsewhere meanwhile (its sequence
         is past what we had), or whose state Redis lost (a new epoch), is reported to the hub
         as a "gap": what was published while we were not subscribed is not coming."""
+        deadline = time.monotonic() + SUBSCRIBE_WAIT
         for event in list(self._channels.values()):
-            event.wait(SUBSCRIBE_WAIT)  # subscribed again: from here on nothing is missed
+            # Subscribed again: from here on nothing is missed.
+            event.wait(max(0.0, deadline - time.monotonic()))
         rooms = list(self._seen)
         pipe = self.redis.pipeline(transaction=False)
         for room in rooms:
@@ -478,7 +513,7 @@ class RedisBackplane:
         for room, epoch, seq in zip(rooms, replies[::2], replies[1::2]):
             seen = self._seen.get(room)
             now = [_text(epoch) if epoch else None, int(seq or 0)]
-            if seen is None or (now[0] == seen[0] and now[1] <= seen[1]):
+            if seen is None or (now[0] == seen[0] and (seen[1] is None or now[1] <= seen[1])):
                 continue
             log.warning("room %s: messages may have been missed while Redis was unreachable "
                         "(%s)", room, "its state was lost" if now[0] != seen[0] else
@@ -513,14 +548,15 @@ class RedisBackplane:
             if event.get("told") == self.origin:
                 return  # our clients heard this one at the time (_finish_leaves)
             try:
+                gap = False
                 if event.get("k") == "msg":
                     event = {"k": "msg", "message": _message(
                         event["room"], event["id"], ["from", event["from"], "text", event["text"],
                                                      "ts", event["ts"], "ref", event.get("ref", "")])}
-                    seen = self._seen.get(event["message"]["room"])
-                    if seen is not None and event["message"]["id"] > seen[1]:
-                        seen[1] = event["message"]["id"]
+                    gap = self._note_id(event["message"]["room"], event["message"]["id"])
                 self._deliver(event)
+                if gap:
+                    self._deliver({"k": "gap", "room": event["message"]["room"]})
             except Exception:  # noqa: BLE001 - one bad event must not cost the subscription
                 log.exception("delivering an event from %s failed", channel)
         elif kind == "subscribe":
@@ -590,7 +626,7 @@ class RedisBackplane:
             if self.up:
                 self._log_down(exc)
                 self.up = False
-                self._listener.kill(exc, block=False)
+                self._listener.kill(_Hung(str(exc)), block=False)
             raise Unavailable(str(exc)) from None
         except self._errors as exc:
             raise Unavailable(str(exc)) from None
@@ -671,10 +707,11 @@ class RedisBackplane:
         got_epoch = _text(got_epoch) or self._new_epoch_for(room)
         if _keys(room)["channel"] in self._channels:  # watched: note where it stands (_find_gaps)
             seen = self._seen.get(room)
-            last = messages[-1]["id"] if messages else (since or 0) if recovered else 0
+            # (None: where the sequence stands is not known yet; the next message tells.)
+            last = messages[-1]["id"] if messages else (since or 0) if recovered else None
             if seen is None or seen[0] != got_epoch:
                 self._seen[room] = [got_epoch, last]
-            elif last > seen[1]:
+            elif last is not None and (seen[1] is None or last > seen[1]):
                 seen[1] = last
         return messages, got_epoch, bool(recovered)
 
