@@ -334,7 +334,10 @@ class RedisBackplane:
         self.history_size = history_size
         self.presence_ttl = presence_ttl  # a process refreshes its members 3 times per TTL
         self.origin = secrets.token_hex(6)
+        # Named, so that an operator can tell which process holds which connection
+        # (CLIENT LIST): chat-<origin>, as the log says at start.
         self.redis = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2,
+                                          client_name="chat-" + self.origin,
                                           health_check_interval=0)
         self._post = self.redis.register_script(POST)
         self._history = self.redis.register_script(HISTORY)
@@ -368,6 +371,7 @@ class RedisBackplane:
         self._listener = gevent.spawn(self._listen)
         self._greenlets = [self._listener, gevent.spawn(self._refresh_forever)]
         self._connected.wait(SUBSCRIBE_WAIT)
+        log.info("Redis backplane at %s, connections named chat-%s", self._safe_url(), self.origin)
         if not self.up:
             log.warning("Redis at %s is not reachable yet; retrying in the background",
                         self._safe_url())

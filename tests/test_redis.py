@@ -415,3 +415,47 @@ def test_leaving_while_redis_hangs_is_told_to_the_others_once_it_is_back(start_s
             break
         heard.append(line)
     assert gone not in heard
+
+
+def _redis_command(port, *args):
+    """One command to Redis over a plain socket (RESP); the reply, decoded."""
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a), a) for a in (str(x).encode() for x in args)))
+        reply = b""
+        while not reply.endswith(b"\r\n") or (reply.startswith(b"$") and reply.count(b"\r\n") < 2):
+            reply += s.recv(65536)
+        return reply.decode()
+
+
+def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair, redis_server,
+                                                                           clients):
+    """Messages published while one process's subscription was cut, with more arriving right
+    after it is back (a busy room), are not missed silently: that process's JSON clients are
+    closed with 1012, and their reconnect finds every message."""
+    a, b = pair
+    reader = clients.json(a)
+    poster = clients.json(b)
+    name = re.search(r"connections named (chat-[0-9a-f]+)",
+                     a.wait_for_log(r"connections named chat-")).group(1)
+    poster.send(type="message", text="before", ref="cut-before")
+    poster.wait("ack")
+    reader.wait("message", text="before")
+    listing = _redis_command(redis_server.port, "CLIENT", "LIST")
+    cut = [re.search(r"\bid=(\d+)", line).group(1) for line in listing.splitlines()
+           if "name=%s " % name in line and "cmd=subscribe" in line]
+    assert len(cut) == 1, listing
+    assert _redis_command(redis_server.port, "CLIENT", "KILL", "ID", cut[0]).startswith(":1")
+    for n in range(5):  # while a is not subscribed
+        poster.send(type="message", text="missed %d" % n, ref="cut-missed-%d" % n)
+        poster.wait("ack")
+    poll(lambda: health(a)["status"] == "ok", timeout=10)
+    for n in range(3):  # and the room goes on
+        poster.send(type="message", text="after %d" % n, ref="cut-after-%d" % n)
+        poster.wait("ack")
+    closed = reader.recv_until_closed(timeout=10)
+    assert closed.code == 1012
+    again = clients.json(a)
+    texts = [m["text"] for m in again.welcome["history"]]
+    assert texts[-9:] == ["before"] + ["missed %d" % n for n in range(5)] + \
+        ["after %d" % n for n in range(3)]
