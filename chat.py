@@ -33,7 +33,7 @@ def main(argv=None):
     _raise_file_limit(settings.max_connections)
     if settings.redis_url:
         shared = backplane.RedisBackplane(settings.redis_url, settings.history_size,
-                                          settings.presence_ttl)
+                                          settings.presence_ttl, settings.presence_limit)
     else:
         shared = backplane.LocalBackplane(settings.history_size, settings.history_bytes)
     hub = Hub(settings, shared)

@@ -329,10 +329,13 @@ class RedisBackplane:
 
     name = "redis"
 
-    def __init__(self, url, history_size, presence_ttl=30.0):
+    def __init__(self, url, history_size, presence_ttl=30.0, presence_limit=1000):
         self.url = url
         self.history_size = history_size
         self.presence_ttl = presence_ttl  # a process refreshes its members 3 times per TTL
+        # Leaves told here (members of a dead process, leaves written after an outage) follow
+        # the hub's rule: none in a room that still has PRESENCE_LIMIT members or more.
+        self.presence_limit = presence_limit
         self.origin = secrets.token_hex(6)
         # Named, so that an operator can tell which process holds which connection
         # (CLIENT LIST): chat-<origin>, as the log says at start.
@@ -481,10 +484,11 @@ class RedisBackplane:
                     pipe = self.redis.pipeline(transaction=True)
                     pipe.zrem(k["presence"], member_id)
                     pipe.hdel(k["info"], member_id)
-                    self._call(pipe.execute)
+                    pipe.zcard(k["presence"])
+                    size = self._call(pipe.execute)[-1]
                     # Told even if Redis had it removed already: a call that timed out in
                     # the hang may have run once Redis went on, and told no one.
-                    if key in self._unfinished:
+                    if key in self._unfinished and size < self.presence_limit:
                         self._call(self.redis.publish, k["channel"], json.dumps(
                             {"k": "presence", "room": room, "event": "leave", "o": self.origin,
                              "member": {"id": member_id, "nick": self._unfinished[key]},
@@ -692,13 +696,16 @@ class RedisBackplane:
     def _prune_room(self, room):
         """Drop members whose process stopped refreshing them and announce their leaving."""
         k = _keys(room)
-        gone = self._call(self._prune, keys=[k["presence"], k["info"]],
-                          args=[int(time.time() * 1000)])
+        gone = [info for info in self._call(self._prune, keys=[k["presence"], k["info"]],
+                                            args=[int(time.time() * 1000)]) if info]
+        if not gone:
+            return
+        size = self._call(self.redis.zcard, k["presence"]) + len(gone)
         for info in gone:
-            if info:
-                member = json.loads(info)
+            size -= 1  # the room's size once this one is gone
+            if size < self.presence_limit:
                 self.publish(room, {"k": "presence", "room": room, "event": "leave",
-                                    "member": member})
+                                    "member": json.loads(info)})
 
     def history(self, room, since=None, epoch=None):
         k = _keys(room)

@@ -167,6 +167,37 @@ def test_dead_process_leaves_no_ghosts(pair, clients):
     assert ghost.id not in {m["id"] for m in clients.json(a).welcome["members"]}
 
 
+def test_dead_process_in_a_big_room_is_dropped_without_notices(start_server, redis_server,
+                                                                clients):
+    """Above PRESENCE_LIMIT no join or leave is announced, and the members of a dead process
+    are no exception: one room of 6 with a limit of 3 hears only the leaves that bring it
+    under the limit (sizes 2 and 1), not one notice per member gone."""
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "1.5",
+           "PRESENCE_LIMIT": "3"}
+    a, b = start_server(env=env), start_server(env=env)
+    watcher = clients.json(a)
+    gone = [clients.json(b) for _ in range(5)]
+    watcher.send(type="ping", ref="sync")
+    watcher.wait("pong")
+    watcher.drain()
+    b.signal(signal.SIGKILL)
+    b.proc.wait(5)
+    heard = []
+
+    def alone():
+        watcher.send(type="join", room="lobby")
+        while True:
+            frame = watcher.recv()
+            if frame["type"] == "joined":
+                return frame["member_count"] == 1
+            heard.append(frame)
+    poll(alone, timeout=10)
+    heard += watcher.drain(1.0)
+    leaves = [m for m in heard if m["type"] == "presence" and m["event"] == "leave"]
+    assert len(leaves) == 2, leaves
+    assert {m["member"]["id"] for m in leaves} <= {c.id for c in gone}
+
+
 def test_direct_never_arrives_before_welcome(pair, clients):
     """A `direct` aimed at a connection that is still registering waits for its welcome."""
     a, b = pair
