@@ -352,6 +352,7 @@ class RedisBackplane:
         self._local_members = None
         self._channels = {}  # channel -> Event set once Redis confirmed the subscription
         self._seen = {}  # watched room -> [epoch, highest message id this process has had]
+        # (from the subscription on: a message may arrive while a join's history is read)
         self._unfinished = {}  # (room, id) of leaves Redis did not hear of -> the member's
         # nick, or (None, id) of connections it did not hear close: done once it is back
         self._pending = {}  # channel -> SUBSCRIBE commands not yet confirmed
@@ -521,7 +522,8 @@ class RedisBackplane:
         for room, epoch, seq in zip(rooms, replies[::2], replies[1::2]):
             seen = self._seen.get(room)
             now = [_text(epoch) if epoch else None, int(seq or 0)]
-            if seen is None or (now[0] == seen[0] and (seen[1] is None or now[1] <= seen[1])):
+            if seen is None or seen[0] is None or \
+                    (now[0] == seen[0] and (seen[1] is None or now[1] <= seen[1])):
                 continue
             log.warning("room %s: messages may have been missed while Redis was unreachable "
                         "(%s)", room, "its state was lost" if now[0] != seen[0] else
@@ -598,6 +600,7 @@ class RedisBackplane:
         """Subscribe to the room's channel (once per process); returns once Redis confirmed."""
 
         channel = _keys(room)["channel"]
+        self._seen.setdefault(room, [None, None])  # nothing known yet: see _note_id, history
         event = self._channels.get(channel)
         if event is None:
             event = self._channels[channel] = gevent.event.Event()
@@ -716,14 +719,16 @@ class RedisBackplane:
         if not recovered:
             messages.reverse()  # XREVRANGE gave newest first
         got_epoch = _text(got_epoch) or self._new_epoch_for(room)
-        if _keys(room)["channel"] in self._channels:  # watched: note where it stands (_find_gaps)
-            seen = self._seen.get(room)
+        seen = self._seen.get(room)
+        if seen is not None:  # watched: note where it stands (_note_id, _find_gaps)
             # (None: where the sequence stands is not known yet; the next message tells.)
             last = messages[-1]["id"] if messages else (since or 0) if recovered else None
-            if seen is None or seen[0] != got_epoch:
-                self._seen[room] = [got_epoch, last]
-            elif last is not None and (seen[1] is None or last > seen[1]):
-                seen[1] = last
+            if seen[0] is not None and seen[0] != got_epoch:
+                seen[:] = [got_epoch, last]  # a new epoch: ids start again
+            else:
+                seen[0] = got_epoch
+                if last is not None and (seen[1] is None or last > seen[1]):
+                    seen[1] = last
         return messages, got_epoch, bool(recovered)
 
     def _new_epoch_for(self, room):
