@@ -477,23 +477,18 @@ class RedisBackplane:
             if key not in self._unfinished:
                 continue  # back meanwhile (enter), or done by an earlier pass
             room, member_id = key
+            nick = self._unfinished[key]
             try:
                 if room is None:
-                    self._call(self.redis.zrem, CLIENTS, member_id)
+                    self.offline(member_id)
                 else:
-                    k = _keys(room)
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.zrem(k["presence"], member_id)
-                    pipe.hdel(k["info"], member_id)
-                    pipe.zcard(k["presence"])
-                    size = self._call(pipe.execute)[-1]
+                    size = self.exit(room, member_id, nick)
                     # Told even if Redis had it removed already: a call that timed out in
                     # the hang may have run once Redis went on, and told no one.
                     if key in self._unfinished and size < self.presence_limit:
-                        self._call(self.redis.publish, k["channel"], json.dumps(
+                        self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
                             {"k": "presence", "room": room, "event": "leave", "o": self.origin,
-                             "member": {"id": member_id, "nick": self._unfinished[key]},
-                             "told": self.origin}))
+                             "member": {"id": member_id, "nick": nick}, "told": self.origin}))
             except Unavailable:
                 return  # down again: the next reconnect goes on
             self._unfinished.pop(key, None)
