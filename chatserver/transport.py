@@ -680,6 +680,15 @@ class ChatHandler(WebSocketHandler):
             self.close_connection = True
         return ok
 
+    def start_response(self, status, headers, exc_info=None):
+        if self.close_connection and self.request_version == "HTTP/1.1" and \
+                not any(name.lower() == "connection" for name, _ in headers):
+            # Say so when we close after this answer (RFC 9112 section 9.6): the client
+            # then opens a new connection for its next request instead of losing it to ours
+            # closing under it.
+            headers = list(headers) + [("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
     def format_request(self):
         """The access log line: peer, request line, status, bytes sent, seconds taken. The
         request line is the client's, escaped: it cannot forge fields or lines. (pywsgi's own

@@ -10,6 +10,7 @@ import base64
 import codecs
 import json
 import os
+import re
 import select
 import socket
 import statistics
@@ -413,17 +414,42 @@ def test_idle_kept_alive_connections_do_not_keep_handshakes_waiting(start_server
     (a crowd of browsers), do not make a new WebSocket handshake wait: once slots run short,
     answers close their connection."""
     server = start_server()
-    idle = []
+    idle, closing = [], []
     for _ in range(HTTP_CONCURRENCY):
         s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert s.recv(4096).startswith(b"HTTP/1.1 200")
-        idle.append(s)
+        answer = _read_answer(s)
+        assert answer.startswith(b"HTTP/1.1 200")
+        head = answer.split(b"\r\n\r\n")[0].lower()
+        if b"connection: close" in head:
+            closing.append(s)  # told: the answer ends the connection
+        else:
+            assert b"connection:" not in head, head  # kept alive (HTTP/1.1's default)
+            idle.append(s)
+    # The first answers keep their connection; once a quarter of the slots is left, each
+    # says it closes, and does.
+    assert len(idle) == HTTP_CONCURRENCY - HTTP_CONCURRENCY // 4, (len(idle), len(closing))
+    for s in closing:
+        assert not _read_to_eof(s)
     start = time.monotonic()
     newcomer = clients.json(server)
     assert newcomer.id and time.monotonic() - start < 2.0
+    for s in closing:
+        s.close()
     for s in idle:
         s.close()
+
+
+def _read_answer(sock):
+    """One whole HTTP answer with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return data
 
 
 def _read_to_eof(sock):
