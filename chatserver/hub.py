@@ -173,12 +173,14 @@ class Hub:
 
         A string ``ref`` of 8-64 characters is an idempotency key: when the room's history
         still holds a message with it, nothing is stored or relayed and the original ack is
-        returned.
+        returned. The key is the room's, not the sender's (a resend comes from a new
+        connection), so a message with another text under a known key is refused, not
+        lost with an ack.
         """
         self._check_member(client, name)
         key = ref if protocol.is_idempotency_key(ref) else None
         try:
-            message, _fresh = self.backplane.post(name, _who(client), text, self._clock(), key)
+            message, fresh = self.backplane.post(name, _who(client), text, self._clock(), key)
         except Unavailable:
             if client.dialect == PLAIN:
                 # No id without the store, so JSON clients cannot be told; plain ones can.
@@ -188,6 +190,9 @@ class Hub:
             raise _unavailable("the message was not stored") from None
         if client.dialect == PLAIN:
             return None
+        if not fresh and message["text"] != text:
+            raise ProtocolError("bad_request", "this ref already names another message in %s: "
+                                "give each message a unique ref (a UUID, say)" % name, ref)
         return {"type": "ack", "ref": ref, "room": name, "id": message["id"], "ts": message["ts"]}
 
     def rename(self, client, nick):

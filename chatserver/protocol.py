@@ -109,7 +109,9 @@ def _ref(obj):
 
 
 def _room(obj, ref, default=None):
-    room = obj.get("room", default)
+    room = obj.get("room")
+    if room is None:  # absent or null, as for every optional field
+        room = default
     if room is None:
         raise ProtocolError("bad_request", "room is required", ref)
     if not valid_room(room):

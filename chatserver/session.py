@@ -105,6 +105,14 @@ class WampConnection:
         elif self.free_subscriptions and wamp.is_subscribe(message):
             self.free_subscriptions -= 1
             self._handle(message)
+        elif self.session.answers_due and wamp.is_answer(message):
+            # A callee's YIELD or ERROR: dropping it would leave its caller waiting for
+            # ever, and the CALLs that asked for it were counted already (at most one free
+            # answer per INVOCATION).
+            self.session.answers_due -= 1
+            self._handle(message)
+        elif wamp.is_goodbye(message):
+            self._handle(message)  # ends the session: never more than one
         elif _over_rate(self):
             self.router.refuse(self.session, message, "chat.error.rate_limited",
                                "at most %g messages per second" % self.bucket.rate)

@@ -13,6 +13,7 @@ WAMP session, stored in history and seen by plain-text and JSON clients alike.
 Pub/sub reaches subscribers on every process through the backplane; RPC stays within one
 process (a callee serves the callers connected to the same process).
 """
+import hashlib
 import json
 import logging
 import math
@@ -53,6 +54,14 @@ def new_id():
     return random.randint(1, MAX_ID)
 
 
+def publication_id(message):
+    """The publication id of a chat message on its room's topic. Derived from the message,
+    not drawn, so that the PUBLISHED a publisher gets and the EVENT every process sends
+    carry the same id, as the specification asks."""
+    key = json.dumps([message["room"], message["id"], message["ts"]]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % MAX_ID + 1
+
+
 def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
@@ -87,6 +96,19 @@ def is_unsubscribe(text):
     return text.startswith("[%d," % UNSUBSCRIBE)
 
 
+_ANSWER = re.compile(r"\[\s*(?:%d|%d\s*,\s*%d)\s*," % (YIELD, ERROR, INVOCATION))
+_GOODBYE = re.compile(r"\[\s*%d\s*," % GOODBYE)
+
+
+def is_answer(text):
+    """True for a frame that claims to be a callee's YIELD or ERROR to an INVOCATION."""
+    return _ANSWER.match(text) is not None
+
+
+def is_goodbye(text):
+    return _GOODBYE.match(text) is not None
+
+
 class Violation(Exception):
     """The peer broke the protocol; the session ends with ABORT."""
 
@@ -116,6 +138,7 @@ class Session:
         self.subscriptions = set()  # subscription ids
         self.registrations = set()  # registration ids
         self.calls = 0  # calls made and not yet answered
+        self.answers_due = 0  # INVOCATIONs sent to it: its answers are not rate limited
         self.next_request = 0
 
     def send(self, msg):
@@ -178,13 +201,19 @@ class Router:
 
     def refuse(self, session, text, uri, reason):
         """Answer a request that is dropped before handling (over the rate limit) with an
-        ERROR, so a caller does not wait for nothing."""
+        ERROR, so a caller does not wait for nothing. A PUBLISH without ``acknowledge``
+        gets no answer, as the specification says: a client library would take an ERROR
+        for it as a protocol violation."""
         try:
             msg = json.loads(text)
         except (ValueError, RecursionError):
             return
-        if isinstance(msg, list) and len(msg) > 1 and msg[0] in _REQUESTS and _is_id(msg[1]):
-            session.send([ERROR, msg[0], msg[1], {}, uri, [reason]])
+        if not (isinstance(msg, list) and len(msg) > 2 and msg[0] in _REQUESTS
+                and _is_id(msg[1])):
+            return
+        if msg[0] == PUBLISH and not (isinstance(msg[2], dict) and msg[2].get("acknowledge") is True):
+            return
+        session.send([ERROR, msg[0], msg[1], {}, uri, [reason]])
 
     def _abort(self, session, uri, message):
         session.send([ABORT, {"message": message}, uri])
@@ -309,6 +338,7 @@ class Router:
         args, kwargs = self._args(msg, 4)
         r = session.realm
         acknowledge = options.get("acknowledge") is True
+        exclude_me = options.get("exclude_me") is not False
         if not valid_uri(topic) or topic.startswith("wamp."):
             return self._error(session, PUBLISH, request, "wamp.error.invalid_uri") \
                 if acknowledge else True
@@ -317,16 +347,21 @@ class Router:
         if room is not None:
             text = args[0] if args else None
             try:
-                self.hub.post_as(session.chat, room, text)
+                message = self.hub.post_as(session.chat, room, text)
             except ProtocolError as exc:
                 if acknowledge:
                     uri = "wamp.error.unavailable" if exc.code == "unavailable" \
                         else "wamp.error.invalid_argument"
                     self._error(session, PUBLISH, request, uri, [exc.message])
                 return True
+            pub_id = publication_id(message)
+            sub_id = r.topics.get(topic)
+            if not exclude_me and sub_id in session.subscriptions:
+                session.send_frame(self._chat_event(sub_id, message))  # others get it by the hub
         else:
             event = {"k": "wamp", "realm": r.name, "topic": topic, "pub": pub_id,
-                     "args": args, "kwargs": kwargs, "publisher": session.id}
+                     "args": args, "kwargs": kwargs,
+                     "publisher": session.id if exclude_me else None}
             try:
                 self.hub.backplane.publish_all(event)
             except Unavailable:
@@ -359,14 +394,18 @@ class Router:
         sub_id = r.topics.get(ROOM_TOPIC + message["room"])
         if sub_id is None:
             return
-        kwargs = {"id": message["id"], "room": message["room"], "from": message["from"],
-                  "ts": message["ts"]}
-        frame = frames.text_frame(protocol.encode(
-            [EVENT, sub_id, new_id(), {}, [message["text"]], kwargs]))
+        frame = self._chat_event(sub_id, message)
         sender = message["from"]["id"]
         for s in tuple(r.subscribers.get(sub_id, ())):
             if s.chat is None or s.chat["id"] != sender:
                 s.send_frame(frame)
+
+    @staticmethod
+    def _chat_event(sub_id, message):
+        kwargs = {"id": message["id"], "room": message["room"], "from": message["from"],
+                  "ts": message["ts"]}
+        return frames.text_frame(protocol.encode(
+            [EVENT, sub_id, publication_id(message), {}, [message["text"]], kwargs]))
 
     def _bridged_room(self, r, topic):
         if r.name != self.bridge_realm or not topic.startswith(ROOM_TOPIC):
@@ -426,6 +465,7 @@ class Router:
         invocation = callee.request_id()
         r.calls[(callee.id, invocation)] = (session, request)
         session.calls += 1
+        callee.answers_due += 1
         callee.send([INVOCATION, invocation, reg_id, {}] + _payload(args, kwargs))
         return True
 

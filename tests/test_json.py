@@ -203,6 +203,32 @@ def test_resend_with_same_ref_is_not_duplicated(server, clients):
     assert [m["text"] for m in clients.json(server).welcome["history"]] == ["once"]
 
 
+def test_a_ref_taken_by_another_message_is_refused_not_lost(server, clients):
+    """Idempotency keys belong to the room: another client's message (another text) under a
+    key already used is refused with bad_request and its ref, not acked as the first."""
+    a, b, c = clients.json(server), clients.json(server), clients.json(server)
+    a.send(type="message", text="Alice's first message", ref="msg-0001")
+    first = a.wait("ack")
+    b.send(type="message", text="Bob's first message", ref="msg-0001")
+    err = b.wait("error")
+    assert (err["code"], err["ref"]) == ("bad_request", "msg-0001")
+    assert "unique ref" in err["message"]
+    b.send(type="message", text="Bob's first message", ref="msg-0002")  # a fresh key: stored
+    assert b.wait("ack")["id"] == first["id"] + 1
+    assert [m["text"] for m in c.drain() if m["type"] == "message"] == [
+        "Alice's first message", "Bob's first message"]
+
+
+def test_a_null_room_is_the_lobby(server, clients):
+    """Optional fields sent as null are absent: a message with room null goes to the lobby."""
+    a, b = clients.json(server), clients.json(server)
+    a.send(type="message", room=None, text="to the lobby")
+    assert a.wait("ack")["room"] == "lobby"
+    assert b.wait("message")["text"] == "to the lobby"
+    a.send(type="join", room=None)
+    assert a.wait("error")["code"] == "bad_request"  # join has no default room
+
+
 def test_recovery_with_since_and_epoch(server, clients):
     """A client that rejoins with `since`/`epoch` gets exactly what it missed, `recovered: true`."""
     a, b = clients.json(server), clients.json(server)

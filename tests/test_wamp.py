@@ -385,6 +385,94 @@ def test_rate_limit_applies_to_wamp(start_server):
     assert replies[1][:3] == [8, 16, 2] and replies[1][4] == "chat.error.rate_limited"
 
 
+def test_publish_over_the_rate_limit_gets_an_error_only_when_acknowledged(start_server):
+    """The specification answers a PUBLISH only when it asks for acknowledgement: an ERROR
+    for any other would be a protocol violation to a client library."""
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "3"})
+    w = RawWamp(server.port)
+    w.hello()
+    w.send([16, 1, {"acknowledge": True}, "com.example.t"])
+    w.send([16, 5, {}, "com.example.t"])  # the last token
+    assert w.recv()[:2] == [17, 1]
+    w.send([16, 2, {}, "com.example.t"])  # dropped, unanswered
+    w.send([16, 3, {"acknowledge": False}, "com.example.t"])  # dropped, unanswered
+    w.send([16, 4, {"acknowledge": True}, "com.example.t"])
+    err = w.recv()
+    assert err[:3] == [8, 16, 4] and err[4] == "chat.error.rate_limited", err
+
+
+def test_a_callee_over_the_rate_limit_still_answers(start_server):
+    """A callee's YIELD and ERROR are answers its callers wait for: never dropped by the
+    rate limit (the CALLs were counted); but no more free answers than INVOCATIONs."""
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "2"})
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.hello()
+    callee.send([64, 1, {}, "com.example.echo"])  # the callee's last token
+    registration = callee.recv()[2]
+    caller.hello()
+    caller.send([48, 1, {}, "com.example.echo", ["one"]])
+    invocation = callee.recv()
+    assert invocation[:3] == [68, invocation[1], registration]
+    callee.send([70, invocation[1], {}, ["one"]])
+    assert caller.recv() == [50, 1, {}, ["one"]]
+    caller.send([48, 2, {}, "com.example.echo", ["two"]])  # over the caller's rate
+    assert caller.recv()[:3] == [8, 48, 2]
+    callee.send([70, invocation[1] + 1, {}, ["bogus"]])  # owed nothing: counted, dropped
+    for n in range(2, 2 + 3):  # a flood of answers owed nothing ends as any flood does
+        callee.send([70, invocation[1] + n, {}, ["bogus"]])
+    assert callee.closed()
+
+
+def test_an_error_from_a_callee_over_the_rate_limit_reaches_the_caller(start_server):
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "2"})
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.hello()
+    callee.send([64, 1, {}, "com.example.fail"])
+    callee.recv()
+    caller.hello()
+    caller.send([48, 7, {}, "com.example.fail"])
+    invocation = callee.recv()
+    callee.send([8, 68, invocation[1], {}, "com.example.error.nope", ["no"]])
+    assert caller.recv() == [8, 48, 7, {}, "com.example.error.nope", ["no"]]
+
+
+def test_publisher_exclusion_can_be_turned_off(server):
+    """With exclude_me false, a publisher subscribed to the topic gets its own event, on a
+    plain topic and on a chat room's."""
+    w = RawWamp(server.port)
+    w.hello()
+    for n, topic in enumerate(("com.example.mirror", "chat.room.mirror"), start=1):
+        w.send([32, n, {}, topic])
+        subscription = w.recv()[2]
+        w.send([16, 10 + n, {"exclude_me": False, "acknowledge": True}, topic, ["me too"]])
+        got = sorted((w.recv() for _ in range(2)), key=lambda m: m[0])
+        assert got[0][:2] == [17, 10 + n], got
+        assert got[1][:2] == [36, subscription] and got[1][4] == ["me too"], got
+        assert got[1][2] == got[0][2]  # the event's publication id is the PUBLISHED one
+        w.send([16, 20 + n, {"acknowledge": True}, topic, ["not me"]])  # excluded by default
+        assert w.recv()[:2] == [17, 20 + n]
+        w.ws.settimeout(0.3)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            w.recv()
+        w.ws.settimeout(5)
+
+
+def test_a_room_topic_event_carries_the_published_publication_id(server, clients):
+    """PUBLISHED and the EVENT others get carry the same publication id (WAMP: "Publication
+    ID"), on chat room topics too."""
+    publisher, subscriber = RawWamp(server.port), RawWamp(server.port)
+    publisher.hello()
+    subscriber.hello()
+    subscriber.send([32, 1, {}, "chat.room.lobby"])
+    subscriber.recv()
+    publisher.send([16, 2, {"acknowledge": True}, "chat.room.lobby", ["hi"]])
+    published = publisher.recv()
+    event = subscriber.recv()
+    assert published[0] == 17 and event[0] == 36
+    assert event[2] == published[2]
+    assert 1 <= event[2] <= 2 ** 53
+
+
 def test_resubscribing_after_a_reconnect_is_not_a_flood(start_server):
     """A client that comes back subscribes again to all its topics at once: a session's first
     MAX_ROOMS subscriptions are not counted against the rate; later ones are."""
