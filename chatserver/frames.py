@@ -82,8 +82,9 @@ def close_payload(code, reason=""):
 
 
 def valid_close_code(code):
-    """Whether a peer may send ``code`` in a close frame (RFC 6455 section 7.4)."""
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+    """Whether a peer may send ``code`` in a close frame: RFC 6455 section 7.4, and 1012-1014
+    from IANA's registry of close codes (a browser echoes the 1012 or 1013 we send)."""
+    return 1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999
 
 
 def parse_close(payload):

@@ -995,7 +995,8 @@ def echo_server():
 
 
 def _valid_close_code(code):
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or \
+        3000 <= code <= 4999
 
 
 def expected_replies(stream, max_size):

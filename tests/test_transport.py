@@ -243,6 +243,17 @@ def test_close_with_application_code_is_echoed(server, clients):
     assert close_code(raw) == 4000
 
 
+@pytest.mark.parametrize("code", [1012, 1013])
+def test_a_browser_echoing_our_restart_codes_is_answered_in_kind(server, clients, code):
+    """Browsers answer our 1012 (restart) and 1013 (try again later) with the same code: it
+    is a registered code (IANA), not a protocol error."""
+    raw = raw_client(server, clients)
+    raw.send_frame(OP_CLOSE, struct.pack("!H", code))
+    assert close_code(raw) == code
+    time.sleep(0.2)
+    assert "invalid close code" not in server.log()
+
+
 @pytest.mark.parametrize("code", [1005, 1006, 1015, 999, 2000])
 def test_close_with_invalid_code_is_1002(server, clients, code):
     """A close frame with a code that must not be sent on the wire gets close 1002."""
