@@ -539,6 +539,7 @@ export class ChatClient extends EventTarget {
     const conv = this.conversations.get(msg.room);
     if (!entry || !conv || entry.kind !== "message") return;
     this.#confirm(conv, entry, Number(msg.id), msg.ts);
+    this.#flush(); // the next one, if any
     this.#emit("entries", { key: conv.key, added: [] });
   }
 
@@ -671,6 +672,7 @@ export class ChatClient extends EventTarget {
       entry.status = "failed";
       entry.error = text;
       this.#emit("entries", { key: entry.room, added: [] });
+      this.#flush(); // the next one, if any
       return;
     }
     const joining = ref && ref.startsWith("join:") ? this.conversations.get(ref.slice(5)) : null;
@@ -716,10 +718,12 @@ export class ChatClient extends EventTarget {
     }, RATE_PAUSE_MS);
   }
 
-  /** Send every unconfirmed message not yet sent on this connection, oldest first (a direct
-   * only once: see #lost). */
+  /** Send unconfirmed messages, oldest first (a direct only once: see #lost). Room messages
+   * go one at a time, the next once the last is acked: the server stores them in the order
+   * it accepts them, and one refused as rate_limited must not be overtaken by the next. */
   #flush() {
     if (!this.connected) return;
+    let inFlight = false;
     for (const entry of this.pending.values()) {
       if (entry.kind === "direct") {
         if (entry.sentOn !== null || this.held.has(entry)) continue;
@@ -731,14 +735,17 @@ export class ChatClient extends EventTarget {
         entry.sentOn = this.generation;
         continue;
       }
-      if (entry.kind !== "message" || entry.sentOn === this.generation) continue;
+      if (entry.kind !== "message") continue;
       // For a room still joining, the join is on the wire ahead of this message and the
       // server answers requests in order.
       const conv = this.conversations.get(entry.room);
       if (!conv || conv.state === "left") continue;
+      if (entry.sentOn === this.generation) inFlight = true;
+      if (inFlight) continue;
       this.#send({ type: "message", room: entry.room, text: entry.text, ref: entry.ref });
       entry.sentOn = this.generation;
       entry.sentAt = this.now();
+      inFlight = true;
     }
   }
 

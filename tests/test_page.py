@@ -312,6 +312,32 @@ def test_missed_messages_are_recovered_after_going_offline(server, tabs):
     assert log(b).get_by_test_id("notice").filter(has_text="starts again").count() == 0
 
 
+def test_messages_typed_faster_than_the_rate_limit_keep_their_order(start_server, clients, tabs):
+    """Messages sent faster than RATE_LIMIT all arrive, in the order they were typed, for
+    the sender and for everyone else: one refused as rate_limited is not overtaken."""
+    server = start_server(env={"RATE_LIMIT": "5", "RATE_BURST": "8"})
+    watcher = clients.json(server)
+    a = tabs.open(server)
+    typed = ["f%02d" % n for n in range(24)]
+    box = a.get_by_test_id("composer")
+    for text in typed:  # 16 a second: some refused, and tokens come back between them
+        box.fill(text)
+        box.press("Enter")
+        a.wait_for_timeout(60)
+    expect(log(a).locator(".msg-text")).to_have_text(typed)
+    for text in typed:
+        expect(message(a, text)).to_have_attribute("data-status", "sent", timeout=20000)
+    received = []
+    deadline = time.monotonic() + 10
+    while len(received) < len(typed) and time.monotonic() < deadline:
+        frame = watcher.quiet(1.0)
+        if frame is not None and frame["type"] == "message":
+            received.append(frame["text"])
+    assert received == typed
+    assert texts(a) == typed
+    assert "flooding" not in server.log()
+
+
 # Replaces WebSocket so a test can drop the server's acks: as if the connection died between
 # the server storing a message and the ack reaching the page.
 DROP_ACKS = """
