@@ -59,10 +59,31 @@ def _level(raw):
 
 
 def _redis_url(raw):
+    """redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path."""
     url = raw.strip()
-    if url and urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("expected redis://, rediss:// or unix:// URL, got %r"
-                          % urllib.parse.urlsplit(url)._replace(netloc="...").geturl())
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    shown = parts._replace(netloc="***@" + host).geturl() if at else url  # no password shown
+    problem = None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        problem = "expected a redis://, rediss:// or unix:// URL"
+    elif parts.scheme == "unix":
+        if not parts.path:
+            problem = "expected unix:///path/to/redis.sock"
+    elif not parts.hostname:
+        problem = "expected a host, as in redis://localhost:6379/0"
+    else:
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            problem = "expected a port number between 0 and 65535"
+        if problem is None and parts.path not in ("", "/") and \
+                not parts.path[1:].isdigit():
+            problem = "expected a database number after the host, as in redis://localhost:6379/0"
+    if problem:
+        raise ConfigError("%s, got %r" % (problem, shown))
     return url
 
 
@@ -72,7 +93,7 @@ def _bool(raw):
         return True
     if value in ("", "0", "false", "no", "off"):
         return False
-    raise ConfigError("expected 1 or 0, got %r" % raw)
+    raise ConfigError("expected 1 or 0 (or true/false, yes/no, on/off), got %r" % raw)
 
 
 def _realm(raw):

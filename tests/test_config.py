@@ -261,12 +261,18 @@ def test_redis_url_accepted(raw):
     assert config.load([], environ={"REDIS_URL": raw}).redis_url == raw
 
 
-@pytest.mark.parametrize("raw", ["localhost:6379", "http://localhost:6379", "memcached://x"])
-def test_redis_url_rejected(raw):
-    """Other REDIS_URL values raise a ConfigError naming REDIS_URL."""
+@pytest.mark.parametrize("raw, why", [
+    ("localhost:6379", "redis://"), ("http://localhost:6379", "redis://"),
+    ("memcached://x", "redis://"), ("foo", "got 'foo'"), ("redis://", "expected a host"),
+    ("redis://localhost:abc", "port number"), ("redis://localhost:99999", "port number"),
+    ("redis://localhost:6379/x", "database number"), ("unix://", "unix:///path")])
+def test_redis_url_rejected(raw, why):
+    """Other REDIS_URL values raise a ConfigError naming REDIS_URL and what is wrong, before
+    anything tries to connect."""
     with pytest.raises(ConfigError) as info:
         config.load([], environ={"REDIS_URL": raw})
     assert str(info.value).startswith("REDIS_URL:")
+    assert why in str(info.value)
 
 
 def test_redis_url_error_hides_the_password():
@@ -274,6 +280,9 @@ def test_redis_url_error_hides_the_password():
     with pytest.raises(ConfigError) as info:
         config.load([], environ={"REDIS_URL": "http://user:s3cret@host:6379"})
     assert "s3cret" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        config.load([], environ={"REDIS_URL": "redis://:s3cret@host:port"})
+    assert "s3cret" not in str(info.value) and "host" in str(info.value)
 
 
 def test_settings_are_frozen():
