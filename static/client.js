@@ -51,6 +51,18 @@ export function newRef(crypto = globalThis.crypto) {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** What to tell the user when the server closed the socket on purpose, by close code
+ * (RFC 6455 7.4, and IANA's 1013); null when reconnecting says it all (a network drop, a
+ * server shutting down or asking us to catch up). */
+export function closeNotice(code, reason) {
+  const why = typeof reason === "string" && reason ? `: ${reason}` : "";
+  if (code === 1013) return `The server cannot take connections now${why}. Trying again…`;
+  if ([1002, 1003, 1007, 1008, 1009, 1011].includes(code)) {
+    return `The server closed the connection${why}. Reconnecting…`;
+  }
+  return null;
+}
+
 function compareSort(a, b) {
   return a[0] - b[0] || a[1] - b[1] || a[2] - b[2];
 }
@@ -136,6 +148,7 @@ export class ChatClient extends EventTarget {
 
     this.state = "idle"; // idle, connecting, open, waiting (for a retry), stopped
     this.everConnected = false;
+    this.lastNotice = null; // the last closeNotice told, so a refusal repeated is told once
     this.attempt = 0;
     this.retryAt = null;
     this.generation = 0; // counts welcomes: which connection an entry was last sent on
@@ -286,8 +299,13 @@ export class ChatClient extends EventTarget {
     }
     this.ws = ws;
     ws.onmessage = (event) => this.#receive(event.data);
-    ws.onclose = () => {
-      if (this.ws === ws) this.#lost();
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      this.#lost();
+      // Said once, not at every attempt while the server keeps refusing for the same reason.
+      const notice = closeNotice(event.code, event.reason);
+      if (notice && notice !== this.lastNotice) this.#emit("problem", { code: "closed", message: notice, about: "connection" });
+      this.lastNotice = notice;
     };
     ws.onerror = () => {}; // a close event follows; the browser has logged the details
   }
@@ -412,6 +430,7 @@ export class ChatClient extends EventTarget {
   #onWelcome(msg) {
     this.state = "open";
     this.everConnected = true;
+    this.lastNotice = null;
     this.attempt = 0;
     this.generation += 1;
     this.self = { id: Number(msg.id), nick: String(msg.nick) };

@@ -6,6 +6,7 @@ console is watched: an error or warning fails the test, except the browser's own
 """
 import os
 import re
+import socket
 import time
 
 import pytest
@@ -336,6 +337,21 @@ def test_messages_typed_faster_than_the_rate_limit_keep_their_order(start_server
     assert received == typed
     assert texts(a) == typed
     assert "flooding" not in server.log()
+
+
+def test_a_server_that_cannot_take_connections_says_why(start_server, tabs):
+    """While its Redis is unreachable the server refuses WebSockets with 1013 and a reason;
+    the page says so once, not only "Reconnecting…", and keeps trying."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    server = start_server(env={"REDIS_URL": "redis://127.0.0.1:%d/0" % closed_port})
+    tabs.allow_socket_failures()
+    a = tabs.open(server, wait=False)
+    toast = a.locator("#toast")
+    expect(toast).to_contain_text("cannot take connections now", timeout=10000)
+    expect(toast).to_contain_text("unreachable")
+    expect(status(a)).to_have_text(re.compile("Connecting…|Reconnecting…"))
 
 
 # Replaces WebSocket so a test can drop the server's acks: as if the connection died between
