@@ -34,6 +34,7 @@ const lastTypingSent = new Map();
 let typingTimer = null;
 let countdownTimer = null;
 let toastTimer = null;
+let nickAsked = null; // the name the form last asked for, until the server confirms it
 
 // -- small DOM helpers ------------------------------------------------------------------------
 
@@ -464,6 +465,10 @@ client.addEventListener("status", () => {
 client.addEventListener("self", () => {
   const { nick } = client.self;
   if (client.wantedNick && nick === client.wantedNick) writeLocal("chat.nick", nick);
+  if (nickAsked !== null && nick === nickAsked) {
+    setText(ui.nickNote, `Saved: you are “${nick}”.`); // also replaces "once connected"
+    nickAsked = null;
+  }
   if (document.activeElement !== ui.nick) ui.nick.value = nick;
   ui.nick.placeholder = nick;
   renderMembers();
@@ -495,6 +500,7 @@ client.addEventListener("typing", ({ detail }) => {
 
 client.addEventListener("problem", ({ detail }) => {
   if (detail.about === "nick") {
+    nickAsked = null;
     setText(ui.nickNote, `Not changed: ${detail.message}`);
     ui.nickNote.classList.add("error");
   } else if (detail.about === "join") {
@@ -556,6 +562,7 @@ ui.nickForm.addEventListener("submit", (event) => {
     return;
   }
   client.setNick(nick);
+  nickAsked = nick;
   setText(ui.nickNote, client.connected ? "" : "Saved: it will be used once connected.");
   if (!client.connected) writeLocal("chat.nick", nick);
 });

@@ -622,6 +622,14 @@ export class ChatClient extends EventTarget {
         this.#emit("members", { key: conv.key });
       }
     }
+    // Requests are answered in order: what is still unconfirmed was sent after the rename
+    // (or is not sent yet), so the others see it under the new name. Show it so here too.
+    const renamed = new Set();
+    for (const entry of this.pending.values()) {
+      entry.from = { ...this.self };
+      renamed.add(entry.room);
+    }
+    for (const key of renamed) this.#emit("entries", { key, added: [] });
     this.#emit("self");
   }
 

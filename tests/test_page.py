@@ -174,6 +174,27 @@ def test_nickname_change_is_seen_by_the_other_tab_and_kept(server, tabs):
     expect(members(b).locator("li", has_text="Ada Lovelace")).to_have_count(1)
 
 
+def test_a_name_chosen_offline_is_confirmed_and_labels_what_was_typed_meanwhile(server, tabs):
+    """The name field says when the server took a new name, including one chosen offline,
+    and messages typed offline show the name the others will see them under."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    b = tabs.open(server)
+    note = a.locator("#nick-note")
+    set_nick(a, "Ada")
+    expect(note).to_have_text("Saved: you are “Ada”.")
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    set_nick(a, "Ada Offline")
+    expect(note).to_have_text("Saved: it will be used once connected.")
+    say(a, "typed while offline")
+    a.context.set_offline(False)
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    expect(note).to_have_text("Saved: you are “Ada Offline”.")
+    expect(message(b, "typed while offline").locator(".author")).to_have_text("Ada Offline")
+    expect(message(a, "typed while offline").locator(".author")).to_have_text("Ada Offline")
+
+
 def test_rooms_are_separate_and_links_work(server, tabs):
     """Rooms keep their own messages; "#name" or "name" joins; the hash names the room; unread
     counts; leaving."""
