@@ -12,6 +12,7 @@ A client, as the hub sees it, has: ``id``, ``nick``, ``dialect`` (PLAIN or JSON)
 catch up: messages were missed).
 """
 import logging
+import re
 import time
 
 from . import frames, protocol
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 def default_nick(client_id):
     return "Client %d" % client_id
+
+
+_DEFAULT_NICK = re.compile(r"client\s*\d+", re.IGNORECASE)  # what default_nick makes, loosely
 
 
 class Hub:
@@ -197,6 +201,10 @@ class Hub:
 
     def rename(self, client, nick):
         """Change ``client``'s nick (already validated); returns the answer for it."""
+        if _DEFAULT_NICK.fullmatch(nick) and nick.casefold() != default_nick(client.id).casefold():
+            # Another connection goes by that name until it picks one: no passing for it.
+            raise ProtocolError("bad_request", "%s is the name another connection has by default: "
+                                "choose another" % nick)
         if nick == client.nick:
             return {"type": "nick", "id": client.id, "nick": nick}  # nothing to announce
         client.nick = nick

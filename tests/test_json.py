@@ -219,6 +219,22 @@ def test_a_ref_taken_by_another_message_is_refused_not_lost(server, clients):
         "Alice's first message", "Bob's first message"]
 
 
+def test_a_nick_cannot_be_another_connections_default_name(server, clients):
+    """"Client <n>" is connection n's name until it picks one: nobody else may take it."""
+    a, b = clients.json(server), clients.json(server)
+    for nick in ("Client %d" % b.id, "client %03d" % b.id, "CLIENT%d" % b.id, "Client 999999"):
+        a.send(type="nick", nick=nick, ref="n")
+        err = a.wait("error")
+        assert (err["code"], err["ref"]) == ("bad_request", "n"), nick
+        assert "another connection" in err["message"]
+    a.send(type="nick", nick="Client %d" % a.id)  # its own default name
+    assert a.wait("nick")["nick"] == "Client %d" % a.id
+    a.send(type="nick", nick="Client Eastwood")
+    assert a.wait("nick")["nick"] == "Client Eastwood"
+    assert all(f["type"] != "presence" or f["event"] != "nick" or f["member"]["nick"] ==
+               "Client Eastwood" for f in b.drain())
+
+
 def test_a_null_room_is_the_lobby(server, clients):
     """Optional fields sent as null are absent: a message with room null goes to the lobby."""
     a, b = clients.json(server), clients.json(server)
