@@ -21,6 +21,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # reorder text around it; they are refused.
 _BANNED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 _JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts need
+# Where new emoji are assigned: code points there that this Python's Unicode tables do not
+# know yet are taken as emoji from a later Unicode version, not refused as unassigned.
+_NEWER_EMOJI = range(0x1F000, 0x1FB00)
 SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 
 
@@ -84,9 +87,16 @@ def clean_nick(raw):
     nick = raw.strip()
     if not 1 <= len(nick) <= NICK_MAX:
         raise ValueError("nick must be 1 to %d characters after trimming" % NICK_MAX)
-    if any(unicodedata.category(ch) in _BANNED_CATEGORIES and ch not in _JOINERS for ch in nick):
-        raise ValueError("nick must not contain control or formatting characters")
+    if not all(map(_nick_char, nick)):
+        raise ValueError("nick must not contain control, formatting, private-use or unassigned "
+                         "characters")
     return nick
+
+
+def _nick_char(ch):
+    category = unicodedata.category(ch)
+    return category not in _BANNED_CATEGORIES or ch in _JOINERS or \
+        (category == "Cn" and ord(ch) in _NEWER_EMOJI)
 
 
 def has_surrogate(text):

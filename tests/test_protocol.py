@@ -175,11 +175,22 @@ def test_room_of_64_characters_is_fine():
 @pytest.mark.parametrize("nick", [
     None, "", "   ", "x" * 33, "a\x00b", "a\nb", "tab\there", "bell\x07", "\u202eevil",
     "zero\u200bwidth", "line\u2028sep", "del\x7f", 5, ["n"], True,
+    "private\ue000use", "unassigned\u0378", "tag\U000e0041s",
 ])
 def test_bad_nicks(nick):
-    """nick must be 1-32 characters after trimming with no control or formatting characters."""
+    """nick must be 1-32 characters after trimming with no control, formatting, private-use
+    or unassigned characters."""
     obj = {"type": "nick"} if nick is None else {"type": "nick", "nick": nick}
     assert refused(obj).code == "bad_request"
+
+
+@pytest.mark.parametrize("nick", [
+    "Zoë", "李小龍", "عائشة", "Ada \U0001F469\u200D\U0001F4BB", "\U0001F3F3\uFE0F\u200D\U0001F308",
+    "shaking \U0001FAE8",  # an emoji of Unicode 15, newer than Python 3.11's tables
+])
+def test_good_nicks(nick):
+    """Letters of any script, and emoji (joined ones, and ones newer than this Python)."""
+    assert dec({"type": "nick", "nick": nick})["nick"] == nick
 
 
 @pytest.mark.parametrize("kind", ["message", "direct"])
