@@ -118,6 +118,11 @@ function logFor(key) {
     list.addEventListener("scroll", () => {
       log.stuck = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
     });
+    // A log that shrinks (a phone turned sideways, the composer growing) keeps its scroll
+    // position, which hides the newest lines: one that showed the end goes on showing it.
+    new ResizeObserver(() => {
+      if (log.stuck) scrollToEnd(log);
+    }).observe(list);
     ui.logs.append(list);
     logs.set(key, log);
   }
@@ -441,7 +446,7 @@ function openPanel(which) {
   ui.app.dataset.panel = which;
   toggle.setAttribute("aria-expanded", "true");
   ui.scrim.hidden = false;
-  const first = panel.querySelector("a, button, input");
+  const first = panel.querySelector("a, input, button:not(.panel-close)");
   if (first) first.focus();
 }
 
@@ -602,6 +607,9 @@ document.querySelector(".skip-link").addEventListener("click", (event) => {
 ui.roomsToggle.addEventListener("click", () => openPanel("rooms"));
 ui.membersToggle.addEventListener("click", () => openPanel("members"));
 ui.scrim.addEventListener("click", () => closePanels({ restoreFocus: true }));
+for (const button of document.querySelectorAll(".panel-close")) {
+  button.addEventListener("click", () => closePanels({ restoreFocus: true }));
+}
 
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && ui.app.dataset.panel !== "none") {

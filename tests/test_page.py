@@ -195,6 +195,35 @@ def test_a_name_chosen_offline_is_confirmed_and_labels_what_was_typed_meanwhile(
     expect(message(a, "typed while offline").locator(".author")).to_have_text("Ada Offline")
 
 
+def test_the_newest_message_stays_in_view_when_the_phone_turns(server, tabs):
+    """A log showing its end goes on showing it when the screen gets shorter."""
+    a = tabs.open(server, viewport={"width": 375, "height": 667}, touch=True)
+    for n in range(15):
+        say(a, "line %d of a conversation that fills the screen" % n)
+    last = message(a, "line 14 of")
+    expect(last).to_have_attribute("data-status", "sent")
+    a.set_viewport_size({"width": 667, "height": 375})
+
+    def last_in_view():
+        box, view = last.bounding_box(), log(a).bounding_box()
+        return box and view and box["y"] + box["height"] <= view["y"] + view["height"] + 1
+    wait_until(a, last_in_view, what="the newest message in view after turning")
+
+
+def test_drawers_on_a_phone_close_from_their_own_button(server, tabs):
+    """On a phone the rooms and members drawers each have a close button, which gives the
+    focus back to the button that opened them."""
+    a = tabs.open(server, viewport={"width": 375, "height": 667}, touch=True)
+    for toggle_id, panel, close in (("#rooms-toggle", "#sidebar", "close-rooms"),
+                                    ("#members-toggle", "#members-panel", "close-members")):
+        a.locator(toggle_id).click()
+        expect(a.locator(panel)).to_be_visible()
+        a.get_by_test_id(close).click()
+        expect(a.locator(panel)).not_to_be_visible()
+        expect(a.locator(toggle_id)).to_be_focused()
+        expect(a.locator(toggle_id)).to_have_attribute("aria-expanded", "false")
+
+
 def test_rooms_are_separate_and_links_work(server, tabs):
     """Rooms keep their own messages; "#name" or "name" joins; the hash names the room; unread
     counts; leaving."""

@@ -32,6 +32,7 @@
     </header>
 
     <nav class="sidebar panel" id="sidebar" aria-label="Rooms and direct messages">
+      <button type="button" class="panel-close" aria-label="Close the rooms panel" data-testid="close-rooms">×</button>
       <form class="nick-form" id="nick-form" autocomplete="off">
         <label for="nick" class="field-label">Your name</label>
         <div class="field-row">
@@ -83,6 +84,7 @@
     </main>
 
     <aside class="members panel" id="members-panel" aria-labelledby="members-title">
+      <button type="button" class="panel-close" aria-label="Close the member list" data-testid="close-members">×</button>
       <h2 class="section-title" id="members-title">Members</h2>
       <ul class="member-list" id="members" aria-labelledby="members-title" data-testid="members"></ul>
       <p class="empty-note" id="members-more"></p>
