@@ -428,7 +428,9 @@ function fromHash() {
   }
   if (!name) return LOBBY;
   if (!ROOM_NAME.test(name)) {
-    toast(`“${name.slice(0, 64)}” is not a room name: use letters, digits, -, _ or .`);
+    toast(name.length > 64 && ROOM_NAME.test(name.slice(0, 64))
+      ? `“${name.slice(0, 40)}…” is too long for a room name: at most 64 characters`
+      : `“${name.slice(0, 64)}” is not a room name: use letters, digits, -, _ or .`);
     return LOBBY;
   }
   client.join(name);
@@ -543,6 +545,15 @@ ui.text.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
     event.preventDefault();
     send();
+  }
+});
+
+// The browser cuts a paste at the box's maxlength without a word: say so.
+ui.text.addEventListener("paste", (event) => {
+  const pasted = event.clipboardData ? event.clipboardData.getData("text").length : 0;
+  const kept = ui.text.value.length - (ui.text.selectionEnd - ui.text.selectionStart);
+  if (kept + pasted > ui.text.maxLength) {
+    toast(`A message holds at most ${ui.text.maxLength.toLocaleString("en")} characters: the rest of what you pasted was left out.`);
   }
 });
 

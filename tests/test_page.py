@@ -224,6 +224,24 @@ def test_drawers_on_a_phone_close_from_their_own_button(server, tabs):
         expect(a.locator(toggle_id)).to_have_attribute("aria-expanded", "false")
 
 
+def test_what_the_page_cannot_take_is_said_not_dropped(server, tabs):
+    """A room name too long or not a name in the address, and a paste longer than a message
+    may be, each get a note saying so."""
+    a = tabs.open(server, path="/#" + "r" * 70)
+    toast = a.locator("#toast")
+    expect(toast).to_contain_text("too long for a room name: at most 64 characters")
+    expect(a.get_by_test_id("room-title")).to_have_text("#lobby")
+    a.goto(server.url + "/#no%20spaces")
+    expect(toast).to_contain_text("“no spaces” is not a room name")
+    a.evaluate("""() => {
+        const data = new DataTransfer();
+        data.setData("text", "x".repeat(5000));
+        document.getElementById("composer-text").dispatchEvent(
+            new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true }));
+    }""")
+    expect(toast).to_contain_text("at most 4,000 characters: the rest of what you pasted was left out")
+
+
 def test_rooms_are_separate_and_links_work(server, tabs):
     """Rooms keep their own messages; "#name" or "name" joins; the hash names the room; unread
     counts; leaving."""
