@@ -34,6 +34,7 @@ const lastTypingSent = new Map();
 let typingTimer = null;
 let countdownTimer = null;
 let toastTimer = null;
+const JOIN_HINT = ui.joinNote.textContent; // the join box's standing note, from the page
 let nickAsked = null; // the name the form last asked for, until the server confirms it
 
 // -- small DOM helpers ------------------------------------------------------------------------
@@ -592,7 +593,7 @@ ui.joinForm.addEventListener("submit", (event) => {
     ui.joinNote.classList.add("error");
     return;
   }
-  setText(ui.joinNote, "");
+  setText(ui.joinNote, JOIN_HINT);
   ui.joinRoom.value = "";
   client.join(name);
   activate(name, { focus: true });
