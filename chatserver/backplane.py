@@ -278,9 +278,28 @@ if #gone > 0 then
   infos = redis.call('HMGET', KEYS[2], unpack(gone))
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
   redis.call('HDEL', KEYS[2], unpack(gone))
+  redis.call('SADD', KEYS[3], unpack(gone))
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
 return infos
 """
+
+# KEYS: a room's presence, members, pruned. ARGV: expiry time (ms), then id, info pairs of
+# this process's members. Refreshes them; returns the ids that had been pruned meanwhile (a
+# process that stalled longer than PRESENCE_TTL), so that they are announced as back.
+ANNOUNCE = """
+local back = {}
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  if not redis.call('ZSCORE', KEYS[1], id) and redis.call('SREM', KEYS[3], id) == 1 then
+    back[#back + 1] = id
+  end
+  redis.call('ZADD', KEYS[1], ARGV[1], id)
+  redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+end
+return {back, redis.call('ZCARD', KEYS[1])}
+"""
+PRUNED_TTL = 24 * 3600  # how long a pruned member is remembered, to announce it if it is back
 
 
 # KEYS: ids. ARGV: the highest id in use on this process. After Redis lost its data, new ids
@@ -301,7 +320,7 @@ def _keys(room):
     base = "chat:room:" + room
     return {"seq": base + ":seq", "stream": base + ":history", "epoch": base + ":epoch",
             "refs": base + ":refs", "presence": base + ":presence", "info": base + ":members",
-            "channel": base}
+            "pruned": base + ":pruned", "channel": base}
 
 
 CONTROL = "chat:control"
@@ -345,6 +364,7 @@ class RedisBackplane:
         self._post = self.redis.register_script(POST)
         self._history = self.redis.register_script(HISTORY)
         self._prune = self.redis.register_script(PRUNE)
+        self._refresh = self.redis.register_script(ANNOUNCE)
         self._raise_ids = self.redis.register_script(RAISE_IDS)
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
@@ -694,8 +714,9 @@ class RedisBackplane:
     def _prune_room(self, room):
         """Drop members whose process stopped refreshing them and announce their leaving."""
         k = _keys(room)
-        gone = [info for info in self._call(self._prune, keys=[k["presence"], k["info"]],
-                                            args=[int(time.time() * 1000)]) if info]
+        gone = [info for info in self._call(self._prune,
+                                            keys=[k["presence"], k["info"], k["pruned"]],
+                                            args=[int(time.time() * 1000), PRUNED_TTL]) if info]
         if not gone:
             return
         size = self._call(self.redis.zcard, k["presence"]) + len(gone)
@@ -780,17 +801,29 @@ class RedisBackplane:
                 log.exception("presence refresh failed")
 
     def _announce_all(self):
-        """Tell Redis again who is connected here, with fresh expiry times."""
+        """Tell Redis again who is connected here, with fresh expiry times; members another
+        process pruned meanwhile (and announced as gone) are announced as back."""
         rooms, everyone = self._local_members()
         expiry = self._expiry()
         pipe = self.redis.pipeline(transaction=False)
+        refreshed = []
         for room, members in rooms.items():
             if members:
                 k = _keys(room)
-                pipe.zadd(k["presence"], {m["id"]: expiry for m in members})
-                pipe.hset(k["info"], mapping={m["id"]: json.dumps(m) for m in members})
+                args = [expiry]
+                for m in members:
+                    args += [m["id"], json.dumps(m)]
+                self._refresh(keys=[k["presence"], k["info"], k["pruned"]], args=args, client=pipe)
+                refreshed.append((room, {m["id"]: m for m in members}))
         if everyone:
             pipe.zadd(CLIENTS, {m["id"]: expiry for m in everyone})
             self._raise_ids(keys=[IDS], args=[max(m["id"] for m in everyone)], client=pipe)
         pipe.zremrangebyscore(CLIENTS, "-inf", int(time.time() * 1000))
-        pipe.execute()
+        replies = pipe.execute()
+        for (room, members), (back, size) in zip(refreshed, replies):
+            if back and size <= self.presence_limit:
+                for member_id in back:
+                    member = members.get(int(member_id))
+                    if member is not None:
+                        self.publish(room, {"k": "presence", "room": room, "event": "join",
+                                            "member": member})

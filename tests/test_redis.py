@@ -167,6 +167,27 @@ def test_dead_process_leaves_no_ghosts(pair, clients):
     assert ghost.id not in {m["id"] for m in clients.json(a).welcome["members"]}
 
 
+def test_members_of_a_process_that_stalled_are_announced_back(pair, clients):
+    """A process that stops refreshing presence for longer than PRESENCE_TTL (stopped, cut
+    off from Redis) has its members pruned and announced as gone by the others; when it
+    refreshes again they are announced as back and listed again."""
+    a, b = pair
+    watcher = clients.json(a)
+    sleeper = clients.json(b)
+    member = {"id": sleeper.id, "nick": sleeper.welcome["nick"]}
+    watcher.wait("presence", event="join", member=member)
+    b.signal(signal.SIGSTOP)
+    try:
+        watcher.wait("presence", event="leave", member=member, timeout=8)
+    finally:
+        b.signal(signal.SIGCONT)
+    watcher.wait("presence", event="join", member=member, timeout=8)
+    assert sleeper.id in {m["id"] for m in clients.json(a).welcome["members"]}
+    sleeper.send(type="message", text="still here")
+    assert watcher.wait("message")["text"] == "still here"
+    assert [f for f in watcher.drain(1.0) if f["type"] == "presence"] == []  # told once
+
+
 def test_dead_process_in_a_big_room_is_dropped_without_notices(start_server, redis_server,
                                                                 clients):
     """Above PRESENCE_LIMIT no join or leave is announced, and the members of a dead process
