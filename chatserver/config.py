@@ -63,9 +63,14 @@ def _redis_url(raw):
     url = raw.strip()
     if not url:
         return url
-    parts = urllib.parse.urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    shown = parts._replace(netloc="***@" + host).geturl() if at else url  # no password shown
+    # Shown without what may be a password: anything before the last "@", and the query.
+    scheme, sep, rest = url.partition("://")
+    shown = scheme + sep + ("***@" + rest.rpartition("@")[2] if "@" in rest else rest)
+    shown = shown.split("?")[0] + ("?..." if "?" in shown else "")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise ConfigError("not a valid URL, got %r" % shown) from None
     problem = None
     if parts.scheme not in ("redis", "rediss", "unix"):
         problem = "expected a redis://, rediss:// or unix:// URL"
@@ -73,7 +78,8 @@ def _redis_url(raw):
         if not parts.path:
             problem = "expected unix:///path/to/redis.sock"
     elif not parts.hostname:
-        problem = "expected a host, as in redis://localhost:6379/0"
+        problem = "expected a host, as in redis://localhost:6379/0 (a password with / # ? or @ " \
+            "in it must be percent-encoded)"
     else:
         try:
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number

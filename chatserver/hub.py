@@ -29,7 +29,8 @@ def default_nick(client_id):
     return "Client %d" % client_id
 
 
-_DEFAULT_NICK = re.compile(r"client\s*\d+", re.IGNORECASE)  # what default_nick makes, loosely
+# What default_nick makes, as protocol.nick_skeleton sees it (an l or i may pass for the other).
+_DEFAULT_NICK = re.compile(r"c[il1|]{2}ent\s*(\d+)", re.ASCII)
 
 
 class Hub:
@@ -201,7 +202,8 @@ class Hub:
 
     def rename(self, client, nick):
         """Change ``client``'s nick (already validated); returns the answer for it."""
-        if _DEFAULT_NICK.fullmatch(nick) and nick.casefold() != default_nick(client.id).casefold():
+        default = _DEFAULT_NICK.fullmatch(protocol.nick_skeleton(nick))
+        if default and int(default.group(1)) != client.id:
             # Another connection goes by that name until it picks one: no passing for it.
             raise ProtocolError("bad_request", "%s is the name another connection has by default: "
                                 "choose another" % nick)

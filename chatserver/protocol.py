@@ -24,6 +24,12 @@ _JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts
 # Where new emoji are assigned: code points there that this Python's Unicode tables do not
 # know yet are taken as emoji from a later Unicode version, not refused as unassigned.
 _NEWER_EMOJI = range(0x1F000, 0x1FB00)
+# A subdivision flag (England, Scotland, Wales): a black flag, tag characters, a cancel tag.
+_TAG_FLAG = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
+# For telling what a nick looks like: invisible characters dropped, and the Cyrillic and
+# Greek letters that pass for Latin ones in "Client" mapped to them.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200c\u200d\ufe0e\ufe0f"))
+_LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХх", "CcEeIillIiEeTtNKkOoAaPpXx")
 SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 
 
@@ -87,10 +93,16 @@ def clean_nick(raw):
     nick = raw.strip()
     if not 1 <= len(nick) <= NICK_MAX:
         raise ValueError("nick must be 1 to %d characters after trimming" % NICK_MAX)
-    if not all(map(_nick_char, nick)):
+    if not all(map(_nick_char, _TAG_FLAG.sub("", nick))):
         raise ValueError("nick must not contain control, formatting, private-use or unassigned "
                          "characters")
     return nick
+
+
+def nick_skeleton(nick):
+    """What ``nick`` looks like, as lower-case Latin where it can pass for it: two nicks with
+    the same skeleton are hard to tell apart on screen."""
+    return unicodedata.normalize("NFKC", nick).translate(_INVISIBLE).translate(_LOOKALIKES).casefold()
 
 
 def _nick_char(ch):

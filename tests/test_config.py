@@ -283,6 +283,11 @@ def test_redis_url_error_hides_the_password():
     with pytest.raises(ConfigError) as info:
         config.load([], environ={"REDIS_URL": "redis://:s3cret@host:port"})
     assert "s3cret" not in str(info.value) and "host" in str(info.value)
+    for url in ("redis://:s3/cret@host:6379/0", "redis://:s3#cret@host", "redis://h:x/0?password=s3cret",
+                "redis://:s3cret@[::1"):
+        with pytest.raises(ConfigError) as info:
+            config.load([], environ={"REDIS_URL": url})
+        assert "s3" not in str(info.value) and "cret" not in str(info.value), str(info.value)
 
 
 def test_settings_are_frozen():

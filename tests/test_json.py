@@ -222,7 +222,9 @@ def test_a_ref_taken_by_another_message_is_refused_not_lost(server, clients):
 def test_a_nick_cannot_be_another_connections_default_name(server, clients):
     """"Client <n>" is connection n's name until it picks one: nobody else may take it."""
     a, b = clients.json(server), clients.json(server)
-    for nick in ("Client %d" % b.id, "client %03d" % b.id, "CLIENT%d" % b.id, "Client 999999"):
+    for nick in ("Client %d" % b.id, "client %03d" % b.id, "CLIENT%d" % b.id, "Client 999999",
+                 "Client %d\u200d" % b.id, "\u0421lient %d" % b.id, "CIient %d" % b.id,
+                 "Ｃｌｉｅｎｔ %d" % b.id):
         a.send(type="nick", nick=nick, ref="n")
         err = a.wait("error")
         assert (err["code"], err["ref"]) == ("bad_request", "n"), nick

@@ -187,6 +187,7 @@ def test_bad_nicks(nick):
 @pytest.mark.parametrize("nick", [
     "Zoë", "李小龍", "عائشة", "Ada \U0001F469\u200D\U0001F4BB", "\U0001F3F3\uFE0F\u200D\U0001F308",
     "shaking \U0001FAE8",  # an emoji of Unicode 15, newer than Python 3.11's tables
+    "Wales \U0001F3F4\U000E0067\U000E0062\U000E0077\U000E006C\U000E0073\U000E007F",
 ])
 def test_good_nicks(nick):
     """Letters of any script, and emoji (joined ones, and ones newer than this Python)."""
