@@ -75,6 +75,12 @@ function writeLocal(key, value) {
   }
 }
 
+/** Keep `nick` for the next visit; not a connection's default name, which names whoever
+ * has that id next time (the server would refuse it). */
+function rememberNick(nick) {
+  writeLocal("chat.nick", /^Client \d+$/.test(nick) ? "" : nick);
+}
+
 function initials(nick) {
   const words = String(nick || "?").trim().split(/\s+/).filter(Boolean);
   const first = (w) => Array.from(w)[0] || "";
@@ -472,7 +478,7 @@ client.addEventListener("status", () => {
 
 client.addEventListener("self", () => {
   const { nick } = client.self;
-  if (client.wantedNick && nick === client.wantedNick) writeLocal("chat.nick", nick);
+  if (client.wantedNick && nick === client.wantedNick) rememberNick(nick);
   if (nickAsked !== null && nick === nickAsked) {
     setText(ui.nickNote, `Saved: you are “${nick}”.`); // also replaces "once connected"
     nickAsked = null;
@@ -509,6 +515,7 @@ client.addEventListener("typing", ({ detail }) => {
 client.addEventListener("problem", ({ detail }) => {
   if (detail.about === "nick") {
     nickAsked = null;
+    rememberNick(client.self.nick); // not the refused one, or it is refused at every visit
     setText(ui.nickNote, `Not changed: ${detail.message}`);
     ui.nickNote.classList.add("error");
   } else if (detail.about === "join") {
@@ -581,7 +588,7 @@ ui.nickForm.addEventListener("submit", (event) => {
   client.setNick(nick);
   nickAsked = nick;
   setText(ui.nickNote, client.connected ? "" : "Saved: it will be used once connected.");
-  if (!client.connected) writeLocal("chat.nick", nick);
+  if (!client.connected) rememberNick(nick);
 });
 
 ui.joinForm.addEventListener("submit", (event) => {

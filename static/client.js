@@ -515,7 +515,7 @@ export class ChatClient extends EventTarget {
     const same = ref && conv.index.get(`r:${ref}`);
     if (same) {
       conv.index.set(idKey, same);
-      if (same.status !== "sent") this.#confirm(conv, same, id, m.ts);
+      if (same.status !== "sent") this.#confirm(conv, same, id, m.ts, who(m.from));
       return null;
     }
     const from = who(m.from);
@@ -532,7 +532,10 @@ export class ChatClient extends EventTarget {
     return entry;
   }
 
-  #confirm(conv, entry, id, ts) {
+  /** Our message is stored: under `from` as the server has it, or, from an ack, under the
+   * name we have now (requests are answered in order, so a rename before it is known). */
+  #confirm(conv, entry, id, ts, from = { ...this.self }) {
+    entry.from = from;
     entry.id = id;
     entry.ts = Number(ts) || entry.ts;
     entry.epoch = conv.epoch;
@@ -677,9 +680,10 @@ export class ChatClient extends EventTarget {
     }
     const entry = ref && this.pending.get(ref);
     if (!entry && code === "no_such_client") return; // another direct to an ended conversation
+    if (!entry && code === "not_in_room" && ref) return; // a message of a room we let go
     if (entry) {
       if (code === "unavailable" && entry.kind === "message") {
-        entry.sentOn = null; // not stored: the next tick sends it again
+        entry.sentOn = null; // not stored: sent again at the next tick, the others after it
         return;
       }
       if (code === "rate_limited") {
@@ -812,6 +816,7 @@ export class ChatClient extends EventTarget {
     this.#saveRooms();
     this.#savePending();
     this.#emit("rooms");
+    this.#flush(); // what waited behind a message of this room
   }
 
   #notice(conv, text, sort = [conv.ordinal(), conv.lastId, 1]) {

@@ -242,6 +242,54 @@ def test_what_the_page_cannot_take_is_said_not_dropped(server, tabs):
     expect(toast).to_contain_text("at most 4,000 characters: the rest of what you pasted was left out")
 
 
+def test_leaving_a_room_whose_message_is_unanswered_lets_the_next_go(server, tabs):
+    """Messages go one at a time; leaving the room of the one still waiting for its ack
+    sends the next at once, not at the next heartbeat."""
+    a = tabs.open(server, init_script=DROP_ACKS)
+    a.get_by_label("Join or create a room").fill("quiet")
+    a.get_by_label("Join or create a room").press("Enter")
+    expect(a.get_by_test_id("room-title")).to_have_text("#quiet")
+    a.evaluate("window.dropAcks = true")
+    say(a, "never acked")
+    expect(message(a, "never acked", key="quiet")).to_have_attribute("data-status", "pending")
+    a.evaluate("window.dropAcks = false")
+    a.evaluate("location.hash = '#lobby'")
+    expect(a.get_by_test_id("room-title")).to_have_text("#lobby")
+    say(a, "queued behind it")
+    a.wait_for_timeout(300)
+    expect(message(a, "queued behind it")).to_have_attribute("data-status", "pending")
+    a.evaluate("location.hash = '#quiet'")
+    a.get_by_test_id("leave").click()
+    expect(message(a, "queued behind it")).to_have_attribute("data-status", "sent", timeout=2500)
+
+
+def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):
+    """Saving the default name unchanged keeps nothing for the next visit (that id will be
+    someone else's), and a message typed offline before choosing a name is labelled, once
+    stored, with the name the others see."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    b = tabs.open(server)
+    a.get_by_label("Your name").press("Enter")  # "Client <id>", as it stands
+    expect(a.locator("#nick-note")).to_contain_text("Saved")
+    assert a.evaluate("localStorage.getItem('chat.nick')") == ""
+    a.reload()
+    expect(status(a)).to_have_text("Connected")
+    a.wait_for_timeout(300)
+    expect(a.locator("#nick-note")).not_to_contain_text("Not changed")
+
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    say(a, "typed by someone unnamed")
+    a.context.set_offline(False)
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    seen_by_b = message(b, "typed by someone unnamed").locator(".author")
+    expect(seen_by_b).to_have_text(re.compile(r"Client \d+"))
+    expect(message(a, "typed by someone unnamed")).to_have_attribute("data-status", "sent")
+    expect(message(a, "typed by someone unnamed").locator(".author")).to_have_text(
+        seen_by_b.inner_text())
+
+
 def test_rooms_are_separate_and_links_work(server, tabs):
     """Rooms keep their own messages; "#name" or "name" joins; the hash names the room; unread
     counts; leaving."""
