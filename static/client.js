@@ -301,6 +301,7 @@ export class ChatClient extends EventTarget {
     ws.onmessage = (event) => this.#receive(event.data);
     ws.onclose = (event) => {
       if (this.ws !== ws) return;
+      if (event.code === 1009) this.#failTooBig();
       this.#lost();
       // Said once, not at every attempt while the server keeps refusing for the same reason.
       const notice = closeNotice(event.code, event.reason);
@@ -340,6 +341,23 @@ export class ChatClient extends EventTarget {
     this.retryTimer = this.timers.setTimeout(() => this.#connect(), wait);
     this.#emit("status");
     for (const conv of this.conversations.values()) this.#emit("entries", { key: conv.key, added: [] });
+  }
+
+  /** The server closed with 1009: a message of ours was bigger than it takes. Sent again it
+   * would be refused again, and hold up everything behind it: the longest one unanswered on
+   * this connection fails instead. */
+  #failTooBig() {
+    let culprit = null;
+    for (const entry of this.pending.values()) {
+      if (entry.sentOn === this.generation && (!culprit || entry.text.length > culprit.text.length)) {
+        culprit = entry;
+      }
+    }
+    if (!culprit) return;
+    this.pending.delete(culprit.ref);
+    this.#savePending();
+    culprit.status = "failed";
+    culprit.error = "too long for this server";
   }
 
   #clearTimers() {

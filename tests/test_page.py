@@ -263,6 +263,20 @@ def test_leaving_a_room_whose_message_is_unanswered_lets_the_next_go(server, tab
     expect(message(a, "queued behind it")).to_have_attribute("data-status", "sent", timeout=2500)
 
 
+def test_a_message_too_big_for_the_server_fails_instead_of_blocking(start_server, tabs):
+    """A server with a small MAX_MESSAGE_SIZE closes with 1009 on a long message: that
+    message is marked as not sent, and the ones after it go through once reconnected."""
+    server = start_server(env={"MAX_MESSAGE_SIZE": "300"})
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    say(a, "x" * 400)
+    say(a, "short and fine")
+    expect(message(a, "x" * 400)).to_have_attribute("data-status", "failed", timeout=RECONNECT)
+    expect(message(a, "x" * 400)).to_contain_text("too long for this server")
+    expect(message(a, "short and fine")).to_have_attribute("data-status", "sent", timeout=RECONNECT)
+    expect(a.locator("#toast")).to_contain_text("message exceeds 300 bytes")
+
+
 def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):
     """Saving the default name unchanged keeps nothing for the next visit (that id will be
     someone else's), and a message typed offline before choosing a name is labelled, once
