@@ -609,6 +609,9 @@ ui.joinForm.addEventListener("submit", (event) => {
 ui.leave.addEventListener("click", () => {
   const conv = client.conversations.get(active);
   if (!conv || conv.key === LOBBY) return;
+  const unsent = client.unsent(conv.key);
+  const what = unsent === 1 ? "1 message" : `${unsent} messages`;
+  if (unsent && !window.confirm(`${what} to ${label(conv)} not sent yet will be dropped. Leave anyway?`)) return;
   if (conv.kind === "room") client.leave(conv.key);
   else client.closeDirect(conv.key);
   logs.get(conv.key)?.list.remove();

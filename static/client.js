@@ -216,6 +216,13 @@ export class ChatClient extends EventTarget {
     return conv;
   }
 
+  /** How many of our messages to conversation `key` are not confirmed yet. */
+  unsent(key) {
+    let n = 0;
+    for (const entry of this.pending.values()) if (entry.room === key) n += 1;
+    return n;
+  }
+
   leave(name) {
     const conv = this.conversations.get(name);
     if (!conv || name === LOBBY) return;

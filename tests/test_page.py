@@ -277,6 +277,32 @@ def test_a_message_too_big_for_the_server_fails_instead_of_blocking(start_server
     expect(a.locator("#toast")).to_contain_text("message exceeds 300 bytes")
 
 
+def test_leaving_a_room_with_unsent_messages_asks_first(server, tabs):
+    """Leaving drops what is not sent yet to the room: the page asks, and staying keeps it."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server, path="/#drafts")
+    expect(a.get_by_test_id("room-title")).to_have_text("#drafts")
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    say(a, "not sent 1")
+    say(a, "not sent 2")
+    asked = []
+
+    def answer(dialog, accept):
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+    a.once("dialog", lambda d: answer(d, False))
+    a.get_by_test_id("leave").click()
+    expect(a.get_by_test_id("room-title")).to_have_text("#drafts")
+    assert asked == ["2 messages to #drafts not sent yet will be dropped. Leave anyway?"]
+    a.context.set_offline(False)
+    expect(message(a, "not sent 2", key="drafts")).to_have_attribute("data-status", "sent",
+                                                                      timeout=RECONNECT)
+    a.get_by_test_id("leave").click()  # nothing unsent: no question
+    expect(a.get_by_test_id("room-title")).to_have_text("#lobby")
+    assert len(asked) == 1
+
+
 def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):
     """Saving the default name unchanged keeps nothing for the next visit (that id will be
     someone else's), and a message typed offline before choosing a name is labelled, once
