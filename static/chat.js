@@ -81,10 +81,20 @@ function rememberNick(nick) {
   writeLocal("chat.nick", /^Client \d+$/.test(nick) ? "" : nick);
 }
 
+// Whole characters as people see them: a flag or a family emoji is one, not two halves.
+const graphemes = typeof Intl.Segmenter === "function" ? new Intl.Segmenter(undefined, { granularity: "grapheme" }) : null;
+
+function firstCharacter(word) {
+  if (graphemes) return graphemes.segment(word)[Symbol.iterator]().next().value?.segment || "";
+  return Array.from(word)[0] || "";
+}
+
 function initials(nick) {
-  const words = String(nick || "?").trim().split(/\s+/).filter(Boolean);
-  const first = (w) => Array.from(w)[0] || "";
-  const out = words.length > 1 ? first(words[0]) + first(words[1]) : first(words[0] || "?");
+  const text = String(nick || "?").trim();
+  const number = /^Client (\d+)$/.exec(text);
+  if (number) return number[1].slice(-3); // default names differ only in their number
+  const words = text.split(/\s+/).filter(Boolean);
+  const out = words.length > 1 ? firstCharacter(words[0]) + firstCharacter(words[1]) : firstCharacter(words[0] || "?");
   return out.toUpperCase();
 }
 
@@ -580,7 +590,7 @@ ui.nickForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const nick = ui.nick.value.trim();
   ui.nickNote.classList.remove("error");
-  if (!nick || nick.length > NICK_MAX) {
+  if (!nick || Array.from(nick).length > NICK_MAX) { // as the server counts: code points
     setText(ui.nickNote, `A name is 1 to ${NICK_MAX} characters.`);
     ui.nickNote.classList.add("error");
     return;

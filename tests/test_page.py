@@ -259,6 +259,7 @@ def test_leaving_a_room_whose_message_is_unanswered_lets_the_next_go(server, tab
     a.wait_for_timeout(300)
     expect(message(a, "queued behind it")).to_have_attribute("data-status", "pending")
     a.evaluate("location.hash = '#quiet'")
+    a.once("dialog", lambda dialog: dialog.accept())  # yes, drop "never acked"
     a.get_by_test_id("leave").click()
     expect(message(a, "queued behind it")).to_have_attribute("data-status", "sent", timeout=2500)
 
@@ -301,6 +302,31 @@ def test_leaving_a_room_with_unsent_messages_asks_first(server, tabs):
     a.get_by_test_id("leave").click()  # nothing unsent: no question
     expect(a.get_by_test_id("room-title")).to_have_text("#lobby")
     assert len(asked) == 1
+
+
+def test_long_and_emoji_names_fit(server, tabs):
+    """A 32-character name stays inside the side panels with its unread badge in view; an
+    emoji name is counted as the server counts it and its avatar takes whole characters."""
+    a = tabs.open(server, viewport={"width": 1024, "height": 700})
+    b = tabs.open(server, viewport={"width": 1024, "height": 700})
+    long = "W" * 32
+    set_nick(b, long)
+    expect(members(a)).to_contain_text(long)
+    members(b).get_by_role("button").first.click()  # a direct conversation with A
+    say(b, "psst")
+    entry = a.get_by_test_id("directs").get_by_role("button", name=re.compile(long))
+    expect(entry).to_contain_text("1")
+    panel = a.locator("#sidebar").bounding_box()
+    badge = entry.locator(".badge").bounding_box()
+    assert badge["x"] + badge["width"] <= panel["x"] + panel["width"], (badge, panel)
+    for side in ("#sidebar", "#members-panel"):
+        assert a.evaluate("s => { const e = document.querySelector(s); return e.scrollWidth <= e.clientWidth; }", side)
+    flags = "Anna " + "\U0001F1FA\U0001F1E6" * 8  # 21 code points, 37 UTF-16 units
+    set_nick(a, flags)
+    expect(a.locator("#nick-note")).to_have_text("Saved: you are “%s”." % flags)
+    expect(members(b)).to_contain_text(flags)
+    set_nick(a, "\U0001F1EF\U0001F1F5 Jo")
+    expect(members(b).locator(".avatar").filter(has_text="\U0001F1EF\U0001F1F5J")).to_have_count(1)
 
 
 def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):

@@ -36,7 +36,7 @@
       <form class="nick-form" id="nick-form" autocomplete="off">
         <label for="nick" class="field-label">Your name</label>
         <div class="field-row">
-          <input id="nick" name="nick" maxlength="32" autocomplete="nickname" spellcheck="false"
+          <input id="nick" name="nick" maxlength="64" autocomplete="nickname" spellcheck="false"
                  data-testid="nick" aria-describedby="nick-note">
           <button type="submit" class="button subtle">Save</button>
         </div>
