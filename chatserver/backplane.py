@@ -269,20 +269,23 @@ end
 return {epoch, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', size)}
 """
 
-# KEYS: presence zset, info hash. ARGV: now (ms). Drops members whose process stopped
-# refreshing them; returns their info so their departure can be announced.
+# KEYS: presence zset, info hash, pruned set. ARGV: now (ms), seconds to remember the pruned,
+# batch size. Drops up to a batch of the members whose process stopped refreshing them (Lua's
+# unpack takes a few thousand values at most); returns their info so their departure can be
+# announced.
 PRUNE = """
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local infos = {}
 if #gone > 0 then
   infos = redis.call('HMGET', KEYS[2], unpack(gone))
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
   redis.call('SADD', KEYS[3], unpack(gone))
   redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
 return infos
 """
+PRUNE_BATCH = 1000
 
 # KEYS: a room's presence, members, pruned. ARGV: expiry time (ms), then id, info pairs of
 # this process's members. Refreshes them; returns the ids that had been pruned meanwhile (a
@@ -714,9 +717,14 @@ class RedisBackplane:
     def _prune_room(self, room):
         """Drop members whose process stopped refreshing them and announce their leaving."""
         k = _keys(room)
-        gone = [info for info in self._call(self._prune,
-                                            keys=[k["presence"], k["info"], k["pruned"]],
-                                            args=[int(time.time() * 1000), PRUNED_TTL]) if info]
+        now = int(time.time() * 1000)
+        gone = []
+        while True:
+            batch = self._call(self._prune, keys=[k["presence"], k["info"], k["pruned"]],
+                               args=[now, PRUNED_TTL, PRUNE_BATCH])
+            gone += filter(None, batch)
+            if len(batch) < PRUNE_BATCH:
+                break
         if not gone:
             return
         size = self._call(self.redis.zcard, k["presence"]) + len(gone)

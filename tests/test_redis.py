@@ -188,6 +188,28 @@ def test_members_of_a_process_that_stalled_are_announced_back(pair, clients):
     assert [f for f in watcher.drain(1.0) if f["type"] == "presence"] == []  # told once
 
 
+def test_a_dead_process_with_thousands_of_members_is_pruned(start_server, redis_server, clients):
+    """9,000 members of a dead process in one room (more than one Lua call may unpack) are
+    pruned in batches: the room and new connections keep working."""
+    import redis
+    store = redis.Redis.from_url(redis_server.url)
+    past = int((time.time() - 60) * 1000)
+    pipe = store.pipeline(transaction=False)
+    for n in range(100000, 109000):
+        pipe.zadd("chat:room:lobby:presence", {n: past})
+        pipe.hset("chat:room:lobby:members", n, '{"id": %d, "nick": "Client %d"}' % (n, n))
+    pipe.execute()
+    server = start_server(env={"REDIS_URL": redis_server.url, "PRESENCE_TTL": "1.5"})
+    watcher = clients.json(server)  # in the lobby with the ghosts: its process prunes them
+    poll(lambda: store.zcard("chat:room:lobby:presence") == 1, timeout=15)
+    newcomer = clients.json(server)
+    assert newcomer.welcome["member_count"] == 2
+    newcomer.send(type="message", text="still working")
+    assert newcomer.wait("ack")["id"] == 1
+    assert "refused a command" not in server.log()
+    store.close()
+
+
 def test_dead_process_in_a_big_room_is_dropped_without_notices(start_server, redis_server,
                                                                 clients):
     """Above PRESENCE_LIMIT no join or leave is announced, and the members of a dead process
