@@ -302,6 +302,8 @@ for i = 2, #ARGV, 2 do
 end
 return {back, redis.call('ZCARD', KEYS[1])}
 """
+REDIS_CONNECTIONS = 100  # per process, besides the pub/sub one
+POOL_WAIT = 10.0  # seconds a request may wait for one of them
 PRUNED_TTL = 24 * 3600  # how long a pruned member is remembered, to announce it if it is back
 
 
@@ -361,9 +363,12 @@ class RedisBackplane:
         self.origin = secrets.token_hex(6)
         # Named, so that an operator can tell which process holds which connection
         # (CLIENT LIST): chat-<origin>, as the log says at start.
-        self.redis = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2,
-                                          client_name="chat-" + self.origin,
-                                          health_check_interval=0)
+        # A burst of requests (a crowd reconnecting at once) waits for a free connection
+        # instead of failing as if Redis were down (the default pool raises past 100).
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=POOL_WAIT, socket_timeout=3,
+            socket_connect_timeout=2, client_name="chat-" + self.origin, health_check_interval=0)
+        self.redis = redis.Redis(connection_pool=pool)
         self._post = self.redis.register_script(POST)
         self._history = self.redis.register_script(HISTORY)
         self._prune = self.redis.register_script(PRUNE)

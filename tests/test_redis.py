@@ -210,6 +210,38 @@ def test_a_dead_process_with_thousands_of_members_is_pruned(start_server, redis_
     store.close()
 
 
+def test_a_burst_of_handshakes_waits_for_redis_connections_not_refused(start_server,
+                                                                        redis_server):
+    """300 chat.v1 handshakes at once need more Redis calls at a time than a process keeps
+    connections for: they wait for one, and none is refused as if Redis were down."""
+    server = start_server(env={"REDIS_URL": redis_server.url, "RATE_LIMIT": "0"})
+    request = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1\r\n\r\n"
+               % server.port).encode()
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+            s.sendall(request)
+            socks.append(s)
+        welcomed = 0
+        for s in socks:
+            data = b""
+            while b'"welcome"' not in data and b"\x88" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            welcomed += b'"welcome"' in data
+        assert welcomed == 300
+    finally:
+        for s in socks:
+            s.close()
+    assert "Too many connections" not in server.log()
+    assert "unreachable" not in server.log()
+
+
 def test_dead_process_in_a_big_room_is_dropped_without_notices(start_server, redis_server,
                                                                 clients):
     """Above PRESENCE_LIMIT no join or leave is announced, and the members of a dead process
