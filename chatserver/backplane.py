@@ -289,12 +289,13 @@ PRUNE_BATCH = 1000
 
 # KEYS: a room's presence, members, pruned. ARGV: expiry time (ms), then id, info pairs of
 # this process's members. Refreshes them; returns the ids that had been pruned meanwhile (a
-# process that stalled longer than PRESENCE_TTL), so that they are announced as back.
+# process that stalled longer than PRESENCE_TTL): announced as back if they still are here
+# once this returns (see _announce_all).
 ANNOUNCE = """
 local back = {}
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
-  if not redis.call('ZSCORE', KEYS[1], id) and redis.call('SREM', KEYS[3], id) == 1 then
+  if not redis.call('ZSCORE', KEYS[1], id) and redis.call('SISMEMBER', KEYS[3], id) == 1 then
     back[#back + 1] = id
   end
   redis.call('ZADD', KEYS[1], ARGV[1], id)
@@ -513,7 +514,7 @@ class RedisBackplane:
                     size = self.exit(room, member_id, nick)
                     # Told even if Redis had it removed already: a call that timed out in
                     # the hang may have run once Redis went on, and told no one.
-                    if key in self._unfinished and size < self.presence_limit:
+                    if key in self._unfinished and size is not None and size < self.presence_limit:
                         self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
                             {"k": "presence", "room": room, "event": "leave", "o": self.origin,
                              "member": {"id": member_id, "nick": nick}, "told": self.origin}))
@@ -688,20 +689,25 @@ class RedisBackplane:
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(k["presence"], {member["id"]: self._expiry()})
         pipe.hset(k["info"], member["id"], json.dumps(member))
+        pipe.srem(k["pruned"], member["id"])  # announced by the hub: not "back" as well
         pipe.zcard(k["presence"])
         return self._call(pipe.execute)[-1]
 
     def exit(self, room, member_id, nick=None):
+        """The room's size once ``member_id`` is gone; None when another process pruned it
+        meanwhile (its process stalled) and told the others already."""
         k = _keys(room)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(k["presence"], member_id)
         pipe.hdel(k["info"], member_id)
+        pipe.srem(k["pruned"], member_id)
         pipe.zcard(k["presence"])
         try:
-            return self._call(pipe.execute)[-1]
+            _removed, _info, pruned, size = self._call(pipe.execute)
         except Unavailable:
             self._note_unfinished(room, member_id, nick)
             raise
+        return None if pruned else size
 
     def rename(self, rooms, member):
         pipe = self.redis.pipeline(transaction=False)
@@ -833,10 +839,32 @@ class RedisBackplane:
             self._raise_ids(keys=[IDS], args=[max(m["id"] for m in everyone)], client=pipe)
         pipe.zremrangebyscore(CLIENTS, "-inf", int(time.time() * 1000))
         replies = pipe.execute()
+        # Members may have left while the refresh was on its way (a stalled process goes on
+        # with the leaves its clients sent meanwhile): not back, and not to be kept listed.
+        rooms_now, everyone_now = self._local_members()
+        stale = self.redis.pipeline(transaction=False)
+        claims = self.redis.pipeline(transaction=False)
+        returning = []
         for (room, members), (back, size) in zip(refreshed, replies):
-            if back and size <= self.presence_limit:
-                for member_id in back:
-                    member = members.get(int(member_id))
-                    if member is not None:
-                        self.publish(room, {"k": "presence", "room": room, "event": "join",
-                                            "member": member})
+            here = {m["id"] for m in rooms_now.get(room, ())}
+            gone = [member_id for member_id in members if member_id not in here]
+            if gone:
+                k = _keys(room)
+                stale.zrem(k["presence"], *gone)
+                stale.hdel(k["info"], *gone)
+            for member_id in map(int, back):
+                if member_id in here:
+                    # Whoever takes it off the pruned set tells: this, or the member's leave
+                    # (exit) or join again (enter) if either came first.
+                    claims.srem(_keys(room)["pruned"], member_id)
+                    returning.append((room, members[member_id], size))
+        closed = {m["id"] for m in everyone} - {m["id"] for m in everyone_now}
+        if closed:
+            stale.zrem(CLIENTS, *closed)
+        if len(stale):
+            stale.execute()
+        if returning:
+            for (room, member, size), claimed in zip(returning, claims.execute()):
+                if claimed and size <= self.presence_limit:
+                    self.publish(room, {"k": "presence", "room": room, "event": "join",
+                                        "member": member})

@@ -406,8 +406,9 @@ class Hub:
             size = self.backplane.exit(name, client.id, client.nick)
         except Unavailable:
             size = len(members)
-        # Notices stop above the limit: a room that had limit+1 members was unannounced.
-        if announce and size < self.presence_limit:
+        # Notices stop above the limit: a room that had limit+1 members was unannounced. (None:
+        # the leave was told already, by a process that pruned it while ours stalled.)
+        if announce and size is not None and size < self.presence_limit:
             self._publish_presence(name, "leave", client)
         if not self.local.get(name):  # as it is now: others may have come or gone meanwhile
             self.local.pop(name, None)

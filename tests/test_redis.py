@@ -188,6 +188,41 @@ def test_members_of_a_process_that_stalled_are_announced_back(pair, clients):
     assert [f for f in watcher.drain(1.0) if f["type"] == "presence"] == []  # told once
 
 
+@pytest.mark.parametrize("how", ["leave", "close"])
+def test_members_who_go_while_their_process_stalls_are_not_announced_back(pair, clients, how):
+    """Members pruned while their process was stopped, who left (or closed) meanwhile, are
+    told as gone once and not listed again. (A connection that closed may be seen as back
+    for a moment, by a refresh that runs before its close is read: then its leave follows.)"""
+    a, b = pair
+    watcher = clients.json(a)
+    watcher.send(type="join", room="r")
+    watcher.wait("joined")
+    members = [clients.json(b) for _ in range(3)]
+    for m in members:
+        m.send(type="join", room="r")
+        m.wait("joined")
+    for m in members:
+        watcher.wait("presence", event="join", room="r", member={"id": m.id, "nick": m.welcome["nick"]})
+    b.signal(signal.SIGSTOP)
+    try:
+        for m in members:
+            watcher.wait("presence", event="leave", room="r", timeout=8)
+        for m in members:
+            if how == "leave":
+                m.send(type="leave", room="r")
+            else:
+                m.close()
+    finally:
+        b.signal(signal.SIGCONT)
+    time.sleep(2.5)  # more than a refresh (PRESENCE_TTL/3) and a prune
+    notices = [f for f in watcher.drain(1.0) if f["type"] == "presence" and f["room"] == "r"]
+    for m in members:
+        told = [f["event"] for f in notices if f["member"]["id"] == m.id]
+        assert told in ([], ["join", "leave"]), notices
+    watcher.send(type="join", room="r")
+    assert [m["id"] for m in watcher.wait("joined")["members"]] == [watcher.id]
+
+
 def test_a_dead_process_with_thousands_of_members_is_pruned(start_server, redis_server, clients):
     """9,000 members of a dead process in one room (more than one Lua call may unpack) are
     pruned in batches: the room and new connections keep working."""
