@@ -107,10 +107,12 @@ class WampConnection:
             self._handle(message)
         elif self.session.answers_due and wamp.is_answer(message):
             # A callee's YIELD or ERROR: dropping it would leave its caller waiting for
-            # ever, and the CALLs that asked for it were counted already (at most one free
-            # answer per INVOCATION).
-            self.session.answers_due -= 1
+            # ever, and the CALL that asked for it was counted already. One that answers
+            # nothing waiting is counted like any other message.
+            due = self.session.answers_due
             self._handle(message)
+            if self.session.answers_due == due:
+                _over_rate(self)
         elif wamp.is_goodbye(message):
             self._handle(message)  # ends the session: never more than one
         elif _over_rate(self):

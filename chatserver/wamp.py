@@ -138,7 +138,7 @@ class Session:
         self.subscriptions = set()  # subscription ids
         self.registrations = set()  # registration ids
         self.calls = 0  # calls made and not yet answered
-        self.answers_due = 0  # INVOCATIONs sent to it: its answers are not rate limited
+        self.answers_due = 0  # INVOCATIONs to it still waiting: their answers are not rate limited
         self.next_request = 0
 
     def send(self, msg):
@@ -269,6 +269,9 @@ class Router:
                              ["callee disconnected from in-flight request"]])
             elif caller is session:
                 del r.calls[key]
+                callee = r.sessions.get(callee_id)
+                if callee is not None:
+                    callee.answers_due -= 1  # an answer to it is an answer to nothing
         if not r.sessions:
             del self.realms[r.name]
         log.info("WAMP session %d left realm %s", session.id, r.name)
@@ -477,6 +480,7 @@ class Router:
         if pending is not None:  # the caller may have left meanwhile
             caller, request = pending
             caller.calls -= 1
+            session.answers_due -= 1
             caller.send([RESULT, request, {}] + _payload(args, kwargs))
         return True
 
@@ -489,6 +493,7 @@ class Router:
         if pending is not None:
             caller, request = pending
             caller.calls -= 1
+            session.answers_due -= 1
             caller.send([ERROR, CALL, request, {}, uri] + _payload(args, kwargs))
         return True
 

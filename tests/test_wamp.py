@@ -3,6 +3,7 @@ malformed messages over a raw WebSocket, and the bridge to the chat rooms."""
 import asyncio
 import json
 import socket
+import time
 
 import pytest
 import websocket
@@ -421,6 +422,27 @@ def test_a_callee_over_the_rate_limit_still_answers(start_server):
     for n in range(2, 2 + 3):  # a flood of answers owed nothing ends as any flood does
         callee.send([70, invocation[1] + n, {}, ["bogus"]])
     assert callee.closed()
+
+
+def test_calls_whose_callers_left_leave_the_callee_no_free_answers(start_server):
+    """A free answer is one to a call still waiting: callers that leave take theirs with
+    them, and answers to nothing count against the rate like any message."""
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "2"})
+    callee = RawWamp(server.port)
+    callee.hello()
+    callee.send([64, 1, {}, "com.example.slow"])  # the callee's last token
+    callee.recv()
+    invocations = []
+    for n in range(5):
+        caller = RawWamp(server.port)
+        caller.hello()
+        caller.send([48, 1, {}, "com.example.slow"])
+        invocations.append(callee.recv()[1])
+        caller.ws.close()  # gone before the answer
+    time.sleep(0.3)
+    for invocation in invocations:  # answers to nothing waiting any more
+        callee.send([70, invocation, {}, ["late"]])
+    assert callee.closed()  # a flood: more than RATE_BURST refused in a row
 
 
 def test_an_error_from_a_callee_over_the_rate_limit_reaches_the_caller(start_server):
