@@ -29,8 +29,8 @@ def default_nick(client_id):
     return "Client %d" % client_id
 
 
-# What default_nick makes, as protocol.nick_skeleton sees it (an l or i may pass for the other).
-_DEFAULT_NICK = re.compile(r"c[il1|]{2}ent\s*(\d+)", re.ASCII)
+# What default_nick makes, as protocol.nick_skeleton sees it (an l, i or 1 may pass for another).
+_DEFAULT_NICK = re.compile(r"c[il1]{2}ent(\d+)", re.ASCII)
 
 
 class Hub:

@@ -26,10 +26,11 @@ _JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts
 _NEWER_EMOJI = range(0x1F000, 0x1FB00)
 # A subdivision flag (England, Scotland, Wales): a black flag, tag characters, a cancel tag.
 _TAG_FLAG = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
-# For telling what a nick looks like: invisible characters dropped, and the Cyrillic and
-# Greek letters that pass for Latin ones in "Client" mapped to them.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200c\u200d\ufe0e\ufe0f"))
-_LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХх", "CcEeIillIiEeTtNKkOoAaPpXx")
+# For telling what a nick looks like (nick_skeleton): letters that pass for the Latin ones of
+# "Client" mapped to them (Cyrillic, Greek, Cherokee, Armenian, small capitals, dotless i),
+# and the Hangul fillers, letters that show as blank space, dropped.
+_LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХхıᏟոᴄʟɪᴇɴᴛ", "CcEeIillIiEeTtNKkOoAaPpXxiCncliENT",
+                            "\u115f\u1160\u3164\uffa0")
 SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 
 
@@ -100,9 +101,18 @@ def clean_nick(raw):
 
 
 def nick_skeleton(nick):
-    """What ``nick`` looks like, as lower-case Latin where it can pass for it: two nicks with
-    the same skeleton are hard to tell apart on screen."""
-    return unicodedata.normalize("NFKC", nick).translate(_INVISIBLE).translate(_LOOKALIKES).casefold()
+    """What ``nick`` looks like, roughly: its letters and digits only (marks, spaces,
+    symbols and invisible characters dropped), lower-case Latin where a letter can pass for
+    it, any script's digits as ASCII ones. Two nicks with the same skeleton are hard to tell
+    apart on screen. (Best effort: Unicode's confusables list is far longer.)"""
+    kept = []
+    for ch in unicodedata.normalize("NFKD", nick).translate(_LOOKALIKES):
+        category = unicodedata.category(ch)
+        if category == "Nd":
+            kept.append(str(unicodedata.decimal(ch)))
+        elif category[0] in "LN":
+            kept.append(ch)
+    return "".join(kept).casefold()
 
 
 def _nick_char(ch):
