@@ -210,6 +210,28 @@ def test_the_newest_message_stays_in_view_when_the_phone_turns(server, tabs):
     wait_until(a, last_in_view, what="the newest message in view after turning")
 
 
+def test_a_small_phone_shows_the_whole_status_during_an_outage(server, tabs):
+    """At 320 px, "Reconnecting…" and "Retry now" are readable and tappable, clear of the
+    buttons beside them."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server, viewport={"width": 320, "height": 568}, touch=True)
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    retry = a.locator("#retry")
+    expect(retry).to_be_visible()
+    text, button, members = (a.locator(s).bounding_box() for s in (
+        "#status-text", "#retry", "#members-toggle"))
+    assert text["width"] >= a.evaluate("document.getElementById('status-text').scrollWidth") - 1
+    for box in (text, button):
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 320, box
+        overlaps = not (box["x"] + box["width"] <= members["x"] or members["x"] + members["width"] <= box["x"]
+                        or box["y"] + box["height"] <= members["y"] or members["y"] + members["height"] <= box["y"])
+        assert not overlaps, (box, members)
+    retry.click()  # tappable: nothing lies over it
+    a.context.set_offline(False)
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+
+
 def test_drawers_on_a_phone_close_from_their_own_button(server, tabs):
     """On a phone the rooms and members drawers each have a close button, which gives the
     focus back to the button that opened them."""
