@@ -46,6 +46,7 @@ class Hub:
         # us build (and hold, if it does not read) a room's whole history each time; 100
         # messages of 64 KiB of control characters, escaped as \u0001, are 39 MB.
         self.answer_history = max(ANSWER_HISTORY, 8 * settings.max_message_size)
+        self.max_message_size = settings.max_message_size
         self.backplane = backplane
         self.clients = {}
         self.local = {}
@@ -74,7 +75,10 @@ class Hub:
         except Unavailable:
             self.unregister(client)
             raise
-        welcome = {"type": "welcome", "id": client.id, "nick": client.nick, "room": LOBBY}
+        # max_message_size: a client can refuse what the server would close the connection
+        # for (1009) before sending it.
+        welcome = {"type": "welcome", "id": client.id, "nick": client.nick, "room": LOBBY,
+                   "max_message_size": self.max_message_size}
         welcome.update(state)
         del welcome["recovered"]
         self._answer(client, LOBBY, welcome, history_floor(state["history"], None))

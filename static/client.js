@@ -63,6 +63,8 @@ export function closeNotice(code, reason) {
   return null;
 }
 
+const utf8 = new TextEncoder();
+
 function compareSort(a, b) {
   return a[0] - b[0] || a[1] - b[1] || a[2] - b[2];
 }
@@ -147,6 +149,7 @@ export class ChatClient extends EventTarget {
     this.storage = storage;
 
     this.state = "idle"; // idle, connecting, open, waiting (for a retry), stopped
+    this.maxMessageSize = null; // bytes one frame may have, as the welcome says
     this.everConnected = false;
     this.lastNotice = null; // the last closeNotice told, so a refusal repeated is told once
     this.attempt = 0;
@@ -350,6 +353,18 @@ export class ChatClient extends EventTarget {
     for (const conv of this.conversations.values()) this.#emit("entries", { key: conv.key, added: [] });
   }
 
+  /** Fail `entry` instead of sending `frame` when the server (its welcome says how much it
+   * takes) would close the connection for it with 1009. */
+  #tooBig(entry, frame) {
+    if (!this.maxMessageSize || utf8.encode(JSON.stringify(frame)).length <= this.maxMessageSize) return false;
+    this.pending.delete(entry.ref);
+    this.#savePending();
+    entry.status = "failed";
+    entry.error = `too long for this server (at most ${this.maxMessageSize.toLocaleString("en")} bytes)`;
+    this.#emit("entries", { key: entry.room, added: [] });
+    return true;
+  }
+
   /** The server closed with 1009: a message of ours was bigger than it takes. Sent again it
    * would be refused again, and hold up everything behind it: the longest one unanswered on
    * this connection fails instead. */
@@ -459,6 +474,7 @@ export class ChatClient extends EventTarget {
     this.attempt = 0;
     this.generation += 1;
     this.self = { id: Number(msg.id), nick: String(msg.nick) };
+    this.maxMessageSize = Number(msg.max_message_size) || null;
     this.pingSentAt = 0;
     this.tickTimer = this.timers.setInterval(() => this.#tick(), Math.min(5000, this.heartbeat.every));
     if (this.wantedNick && this.wantedNick !== this.self.nick) {
@@ -784,7 +800,9 @@ export class ChatClient extends EventTarget {
       if (entry.kind === "direct") {
         if (entry.sentOn !== null || this.held.has(entry)) continue;
         const conv = this.conversations.get(entry.room);
-        this.#send({ type: "direct", to: conv.peer.id, text: entry.text, ref: entry.ref });
+        const frame = { type: "direct", to: conv.peer.id, text: entry.text, ref: entry.ref };
+        if (this.#tooBig(entry, frame)) continue;
+        this.#send(frame);
         // Requests are answered in order, so this pong means the direct went through,
         // unless an error with its ref came first. (The server has no ack for directs.)
         this.#send({ type: "ping", ref: `dm:${entry.ref}` });
@@ -798,7 +816,9 @@ export class ChatClient extends EventTarget {
       if (!conv || conv.state === "left") continue;
       if (entry.sentOn === this.generation) inFlight = true;
       if (inFlight) continue;
-      this.#send({ type: "message", room: entry.room, text: entry.text, ref: entry.ref });
+      const frame = { type: "message", room: entry.room, text: entry.text, ref: entry.ref };
+      if (this.#tooBig(entry, frame)) continue;
+      this.#send(frame);
       entry.sentOn = this.generation;
       entry.sentAt = this.now();
       inFlight = true;

@@ -6,9 +6,11 @@ import pytest
 
 
 def test_welcome_is_the_first_frame(server, clients):
-    """`welcome` carries id, nick `Client <id>`, room lobby, members, member_count, history, epoch."""
+    """`welcome` carries id, nick `Client <id>`, room lobby, members, member_count, history,
+    epoch, and the largest message the server takes (MAX_MESSAGE_SIZE)."""
     a = clients.json(server)
     w = a.welcome
+    assert w["max_message_size"] == 65536
     assert w["nick"] == "Client %d" % w["id"]
     assert w["room"] == "lobby"
     assert w["members"] == [{"id": w["id"], "nick": w["nick"]}]

@@ -148,5 +148,20 @@ async () => {
   s2.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "dm:" + fast.ref });
   out.directs.rateLimited.push(tries(), fast.status, dm2.pending.size);
   dm2.stop();
+
+  // A server that does not say its limit closes with 1009 on a message too big for it: that
+  // message fails, and the one behind it goes on the next connection.
+  const big = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  big.start();
+  const b1 = sockets.at(-1);
+  b1.deliver(welcome(1, "e1", []));
+  const huge = big.send("lobby", "x".repeat(3000));
+  const after = big.send("lobby", "after it");
+  b1.onclose({ code: 1009, reason: "message exceeds 1000 bytes" });
+  await until(() => sockets.at(-1) !== b1);
+  const b2 = sockets.at(-1);
+  b2.deliver(welcome(2, "e1", []));
+  out.tooBig = [huge.status, huge.error, b2.sent.filter((f) => f.type === "message").map((f) => f.text)];
+  big.stop();
   return out;
 }
