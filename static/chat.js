@@ -465,13 +465,21 @@ function openPanel(which) {
   ui.app.dataset.panel = which;
   toggle.setAttribute("aria-expanded", "true");
   ui.scrim.hidden = false;
+  // A drawer is modal: Tab stays in it, and a screen reader reads only it.
+  for (const region of pageRegions()) region.inert = region !== panel && region !== ui.scrim;
   const first = panel.querySelector("a, input, button:not(.panel-close)");
   if (first) first.focus();
+}
+
+/** What a drawer makes inert: the page around it (not the toast, which must still be heard). */
+function pageRegions() {
+  return [...document.body.children, ...ui.app.children].filter((e) => e !== ui.app && e !== ui.toast);
 }
 
 function closePanels({ restoreFocus = false } = {}) {
   const was = ui.app.dataset.panel;
   ui.app.dataset.panel = "none";
+  for (const region of pageRegions()) region.inert = false;
   ui.roomsToggle.setAttribute("aria-expanded", "false");
   ui.membersToggle.setAttribute("aria-expanded", "false");
   ui.scrim.hidden = true;

@@ -240,6 +240,10 @@ def test_drawers_on_a_phone_close_from_their_own_button(server, tabs):
                                     ("#members-toggle", "#members-panel", "close-members")):
         a.locator(toggle_id).click()
         expect(a.locator(panel)).to_be_visible()
+        for _ in range(12):  # Tab stays in the drawer (or leaves the page), never behind it
+            a.keyboard.press("Tab")
+            assert a.evaluate("""s => document.querySelector(s).contains(document.activeElement)
+                                 || document.activeElement === document.body""", panel)
         a.get_by_test_id(close).click()
         expect(a.locator(panel)).not_to_be_visible()
         expect(a.locator(toggle_id)).to_be_focused()
