@@ -650,6 +650,11 @@ ui.scrim.addEventListener("click", () => closePanels({ restoreFocus: true }));
 for (const button of document.querySelectorAll(".panel-close")) {
   button.addEventListener("click", () => closePanels({ restoreFocus: true }));
 }
+// The same widths as chat.css's: past them a drawer is a fixed panel again, and the page
+// behind it must not stay inert.
+for (const width of ["(max-width: 700px)", "(max-width: 1000px)"]) {
+  matchMedia(width).addEventListener("change", () => closePanels());
+}
 
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && ui.app.dataset.panel !== "none") {

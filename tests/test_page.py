@@ -210,6 +210,19 @@ def test_the_newest_message_stays_in_view_when_the_phone_turns(server, tabs):
     wait_until(a, last_in_view, what="the newest message in view after turning")
 
 
+def test_a_drawer_open_when_the_screen_widens_leaves_the_page_usable(server, tabs):
+    """The member drawer open at tablet width, then the window widened: the list is a side
+    panel again and the rest of the page works (nothing left inert)."""
+    a = tabs.open(server, viewport={"width": 900, "height": 700})
+    a.locator("#members-toggle").click()
+    expect(a.locator("#members-panel")).to_be_visible()
+    a.set_viewport_size({"width": 1300, "height": 700})
+    wait_until(a, lambda: not a.evaluate("document.getElementById('chat').inert"),
+               what="the page usable again")
+    say(a, "typed after widening")
+    expect(message(a, "typed after widening")).to_have_attribute("data-status", "sent")
+
+
 def test_a_small_phone_shows_the_whole_status_during_an_outage(server, tabs):
     """At 320 px, "Reconnecting…" and "Retry now" are readable and tappable, clear of the
     buttons beside them."""
