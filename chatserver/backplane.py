@@ -288,20 +288,36 @@ return infos
 PRUNE_BATCH = 1000
 
 # KEYS: a room's presence, members, pruned. ARGV: expiry time (ms), then id, info pairs of
-# this process's members. Refreshes them; returns the ids that had been pruned meanwhile (a
-# process that stalled longer than PRESENCE_TTL): announced as back if they still are here
-# once this returns (see _announce_all).
+# this process's members. Refreshes them, but for those pruned meanwhile (a process that
+# stalled longer than PRESENCE_TTL): their ids are returned, for RETURN if still here.
 ANNOUNCE = """
 local back = {}
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
   if not redis.call('ZSCORE', KEYS[1], id) and redis.call('SISMEMBER', KEYS[3], id) == 1 then
     back[#back + 1] = id
+  else
+    redis.call('ZADD', KEYS[1], ARGV[1], id)
+    redis.call('HSET', KEYS[2], id, ARGV[i + 1])
   end
-  redis.call('ZADD', KEYS[1], ARGV[1], id)
-  redis.call('HSET', KEYS[2], id, ARGV[i + 1])
 end
-return {back, redis.call('ZCARD', KEYS[1])}
+return back
+"""
+
+# KEYS: a room's presence, members, pruned. ARGV: expiry (ms), id, info, channel, the join
+# event, presence limit. A pruned member back: listed again and its join published, in one
+# step with taking it off the pruned set. Whoever takes it off tells: this, or its leave
+# (exit) or join (enter) if either came first; so the others hear join and leave in order.
+RETURN = """
+if redis.call('SREM', KEYS[3], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if redis.call('ZCARD', KEYS[1]) <= tonumber(ARGV[6]) then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return 1
 """
 REDIS_CONNECTIONS = 100  # per process, besides the pub/sub one
 POOL_WAIT = 10.0  # seconds a request may wait for one of them
@@ -374,6 +390,7 @@ class RedisBackplane:
         self._history = self.redis.register_script(HISTORY)
         self._prune = self.redis.register_script(PRUNE)
         self._refresh = self.redis.register_script(ANNOUNCE)
+        self._return = self.redis.register_script(RETURN)
         self._raise_ids = self.redis.register_script(RAISE_IDS)
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
@@ -453,7 +470,9 @@ class RedisBackplane:
         if self._sub is not None:
             self._sub.disconnect()
         self.redis.ping()  # within socket_timeout: a hung Redis accepts connections, then hangs
-        conn = self.redis.connection_pool.make_connection()
+        # Not from the pool (a blocking pool keeps every connection it made): our own.
+        pool = self.redis.connection_pool
+        conn = pool.connection_class(**pool.connection_kwargs)
         conn.socket_timeout = None  # pub/sub waits for events as long as it takes
         conn.connect()
         self._sub = conn
@@ -466,12 +485,12 @@ class RedisBackplane:
             for channel in [CONTROL] + list(self._channels):
                 self._pending[channel] = self._pending.get(channel, 0) + 1
                 conn.send_command("SUBSCRIBE", channel)
-        self._announce_all()
         if not self.up:
             if self._connected.is_set():
                 log.warning("Redis reachable again at %s", self._safe_url())
                 gevent.spawn(self._after_outage)  # not in this greenlet: it reads replies
             self.up = True
+        self._announce_all()  # up first: members back after a cut are told to every process
         self._connected.set()
 
     def _note_id(self, room, msg_id):
@@ -843,28 +862,23 @@ class RedisBackplane:
         # with the leaves its clients sent meanwhile): not back, and not to be kept listed.
         rooms_now, everyone_now = self._local_members()
         stale = self.redis.pipeline(transaction=False)
-        claims = self.redis.pipeline(transaction=False)
-        returning = []
-        for (room, members), (back, size) in zip(refreshed, replies):
+        for (room, members), back in zip(refreshed, replies):
             here = {m["id"] for m in rooms_now.get(room, ())}
+            k = _keys(room)
             gone = [member_id for member_id in members if member_id not in here]
             if gone:
-                k = _keys(room)
                 stale.zrem(k["presence"], *gone)
                 stale.hdel(k["info"], *gone)
             for member_id in map(int, back):
                 if member_id in here:
-                    # Whoever takes it off the pruned set tells: this, or the member's leave
-                    # (exit) or join again (enter) if either came first.
-                    claims.srem(_keys(room)["pruned"], member_id)
-                    returning.append((room, members[member_id], size))
+                    member = members[member_id]
+                    event = {"k": "presence", "room": room, "event": "join", "member": member,
+                             "o": self.origin}
+                    self._return(keys=[k["presence"], k["info"], k["pruned"]],
+                                 args=[expiry, member_id, json.dumps(member), k["channel"],
+                                       json.dumps(event), self.presence_limit], client=stale)
         closed = {m["id"] for m in everyone} - {m["id"] for m in everyone_now}
         if closed:
             stale.zrem(CLIENTS, *closed)
         if len(stale):
             stale.execute()
-        if returning:
-            for (room, member, size), claimed in zip(returning, claims.execute()):
-                if claimed and size <= self.presence_limit:
-                    self.publish(room, {"k": "presence", "room": room, "event": "join",
-                                        "member": member})

@@ -29,7 +29,7 @@ _TAG_FLAG = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
 # For telling what a nick looks like (nick_skeleton): letters that pass for the Latin ones of
 # "Client" mapped to them (Cyrillic, Greek, Cherokee, Armenian, small capitals, dotless i),
 # and the Hangul fillers, letters that show as blank space, dropped.
-_LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХхıᏟոᴄʟɪᴇɴᴛ", "CcEeIillIiEeTtNKkOoAaPpXxiCncliENT",
+_LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХхıᏟոᴄʟɪᴇɴᴛ|", "CcEeIillIiEeTtNKkOoAaPpXxiCncliENTl",
                             "\u115f\u1160\u3164\uffa0")
 SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 

@@ -228,7 +228,8 @@ def test_a_nick_cannot_be_another_connections_default_name(server, clients):
                  "Client %d\u200d" % b.id, "\u0421lient %d" % b.id, "CIient %d" % b.id,
                  "Ｃｌｉｅｎｔ %d" % b.id, "Cl\u034fient %d" % b.id, "Client %d\ufe00" % b.id,
                  "Client\u2800%d" % b.id, "Client\u3164%d" % b.id, "Cl\u0131ent %d" % b.id,
-                 "\u13dflient %d" % b.id, "Clie\u0578t %d" % b.id, "C1ient %d" % b.id):
+                 "\u13dflient %d" % b.id, "Clie\u0578t %d" % b.id, "C1ient %d" % b.id,
+                 "C|ient %d" % b.id, "Cl|ent %d" % b.id):
         a.send(type="nick", nick=nick, ref="n")
         err = a.wait("error")
         assert (err["code"], err["ref"]) == ("bad_request", "n"), nick
