@@ -357,11 +357,7 @@ export class ChatClient extends EventTarget {
    * takes) would close the connection for it with 1009. */
   #tooBig(entry, frame) {
     if (!this.maxMessageSize || utf8.encode(JSON.stringify(frame)).length <= this.maxMessageSize) return false;
-    this.pending.delete(entry.ref);
-    this.#savePending();
-    entry.status = "failed";
-    entry.error = `too long for this server (at most ${this.maxMessageSize.toLocaleString("en")} bytes)`;
-    this.#emit("entries", { key: entry.room, added: [] });
+    this.#fail(entry, `too long for this server (at most ${this.maxMessageSize.toLocaleString("en")} bytes)`);
     return true;
   }
 
@@ -375,11 +371,16 @@ export class ChatClient extends EventTarget {
         culprit = entry;
       }
     }
-    if (!culprit) return;
-    this.pending.delete(culprit.ref);
+    if (culprit) this.#fail(culprit, "too long for this server");
+  }
+
+  /** `entry` will not be sent: it says why, and no longer waits. */
+  #fail(entry, why) {
+    this.pending.delete(entry.ref);
     this.#savePending();
-    culprit.status = "failed";
-    culprit.error = "too long for this server";
+    entry.status = "failed";
+    entry.error = why;
+    this.#emit("entries", { key: entry.room, added: [] });
   }
 
   #clearTimers() {
@@ -739,11 +740,7 @@ export class ChatClient extends EventTarget {
         this.#endDirect(conv, `${conv.peer.nick} is no longer connected`);
         return; // the entry failed with the others
       }
-      this.pending.delete(ref);
-      this.#savePending();
-      entry.status = "failed";
-      entry.error = text;
-      this.#emit("entries", { key: entry.room, added: [] });
+      this.#fail(entry, text);
       this.#flush(); // the next one, if any
       return;
     }
