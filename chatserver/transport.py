@@ -60,6 +60,7 @@ BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: 
                b"charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(MALFORMED) + MALFORMED)
 
 
+FIN_TEXT = 0x80 | frames.OP_TEXT  # a frame's first byte: a whole text message, no extension
 NO_MESSAGE = object()  # receive(): a frame was handled, but it carried no message
 
 
@@ -92,7 +93,8 @@ class HardenedWebSocket(WebSocket):
     """
 
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
-                 "close_code", "close_reason", "dead", "_turn", "_buf", "_sock_recv", "_queued",
+                 "close_code", "close_reason", "dead", "_turn", "_buf", "_drained", "_sock_recv",
+                 "_queued",
                  "_paused", "_unacked", "_swept", "_window", "_controls",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
@@ -111,6 +113,7 @@ class HardenedWebSocket(WebSocket):
         self.close_reason = ""
         self.dead = False
         self._buf = buffered  # bytes received and not yet parsed
+        self._drained = False  # the last read took all the socket had (see _ready)
         self._sock_recv = sock._sock.recv  # the raw non-blocking socket: no gevent layer
         self._sock_send = sock._sock.send
         self._watcher = None  # the event-loop watcher that wakes a parked connection
@@ -150,6 +153,7 @@ class HardenedWebSocket(WebSocket):
         """Read and hand over messages while bytes are in, then park (or end)."""
         session = self._session
         self._turn = time.monotonic()  # this reader's share of the loop starts now
+        self._drained = False  # woken: something came
         try:
             while self._ready():
                 if self._backlogged():
@@ -197,15 +201,24 @@ class HardenedWebSocket(WebSocket):
         greenlet.greenlet(_reader, gevent.get_hub()).switch(self)
 
     def _ready(self):
-        """True when there is something to read now: bytes, the peer's EOF, or an error."""
+        """True when there is something to read now: bytes, the peer's EOF, or an error.
+
+        After a read that took less than it asked for, the socket had nothing more: False
+        without asking it again (as libuv does), since the usual message comes alone and a
+        read that finds nothing costs a system call and an exception. Bytes that came
+        meanwhile wake the parked connection at once (the watcher is level-triggered).
+        """
         if self._buf:
             return True
+        if self._drained:
+            return False
         try:
-            self._buf = self._sock_recv(READ_CHUNK)
+            buf = self._buf = self._sock_recv(READ_CHUNK)
         except BlockingIOError:
             return False
         except OSError:
-            pass  # receive() meets it again and ends the connection
+            return True  # receive() meets it again and ends the connection
+        self._drained = len(buf) < READ_CHUNK
         return True
 
     def quiet_for(self, now):
@@ -288,6 +301,20 @@ class HardenedWebSocket(WebSocket):
         return buf[:n]
 
     def _read_message(self):
+        buf = self._buf
+        if len(buf) >= 6 and buf[0] == FIN_TEXT:
+            n = buf[1] ^ 0x80  # the length, when the mask bit is set (else 128 or more)
+            if n < 126 and len(buf) >= 6 + n and n <= self.max_size:
+                # A whole short text message is in, the usual chat line: read in one step
+                # what the loop below reads a piece at a time.
+                self._buf = buf[6 + n:]
+                self._heard()
+                try:
+                    text = frames.unmask(buf[6:6 + n], buf[2:6]).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FrameError(frames.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                # RFC 6455 1.4: data after our close frame is read and dropped.
+                return text if self.close_code is None else NO_MESSAGE
         opcode, parts, size, decoder, fragments = None, [], 0, None, 0
         while True:
             fin, op, masked, length = self._read_header()
@@ -348,13 +375,7 @@ class HardenedWebSocket(WebSocket):
 
     def _read_header(self):
         fin, _rsv, op, masked, length = frames.parse_head(self._read_exact(2))
-        now = self.last_seen = time.monotonic()
-        if now - self._turn > TURN:
-            # A peer that sends faster than we read never makes our reads block, and a
-            # greenlet that never blocks never lets the others (or any timer) run: give the
-            # loop a whole turn, I/O included (sleep(0) would only run its callbacks).
-            gevent.idle()
-            self._turn = time.monotonic()
+        self._heard()
         if length == 126:
             length = struct.unpack("!H", self._read_exact(2))[0]
         elif length == 127:
@@ -362,6 +383,16 @@ class HardenedWebSocket(WebSocket):
             if length >> 63:
                 raise FrameError(frames.PROTOCOL_ERROR, "64-bit length with its top bit set")
         return fin, op, masked, length
+
+    def _heard(self):
+        """A frame came: the peer is alive, and this reader may have had its share."""
+        now = self.last_seen = time.monotonic()
+        if now - self._turn > TURN:
+            # A peer that sends faster than we read never makes our reads block, and a
+            # greenlet that never blocks never lets the others (or any timer) run: give the
+            # loop a whole turn, I/O included (sleep(0) would only run its callbacks).
+            gevent.idle()
+            self._turn = time.monotonic()
 
     def _count_control(self):
         """Close with 1008 a peer that sends more than CONTROL_RATE control frames (pings,
@@ -440,7 +471,8 @@ class HardenedWebSocket(WebSocket):
 
     def _uncork(self):
         """Write the corked frames in one non-blocking send; queue what the socket refused
-        and start the writer for it. The only writes outside the writer greenlet."""
+        and start the writer for it. The only writes outside the writer greenlet (with
+        _uncork_all's copy of the one-frame case)."""
         cork, self._cork = self._cork, None
         if cork is None or self.dead:
             return
@@ -455,10 +487,13 @@ class HardenedWebSocket(WebSocket):
         except OSError:
             self.abort()
             return
-        if sent == len(data):
-            return
-        # The peer is behind: queue the frames it did not take, the first perhaps in part,
-        # so that the outbox counts frames as if each had been written on its own.
+        if sent != len(data):
+            self._behind(cork, sent)
+
+    def _behind(self, cork, sent):
+        """The peer is behind: queue the frames of ``cork`` past its first ``sent`` bytes
+        (the first perhaps in part, so that the outbox counts frames as if each had been
+        written on its own), and start the writer."""
         outbox = self._outbox = deque()
         self._queued = 0
         for frame in cork:
@@ -600,8 +635,23 @@ def _uncork_all():
     global _corked
     pending, _corked = _corked, []
     for ws in pending:
+        cork = ws._cork
         try:
-            ws._uncork()
+            if cork.__class__ is bytes:
+                # One frame, a broadcast's usual case: HardenedWebSocket._uncork inline, as
+                # a method call per recipient costs a tenth of the send. (A socket that died
+                # has no cork.)
+                ws._cork = None
+                try:
+                    sent = ws._sock_send(cork)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(cork):
+                    ws._behind((cork,), sent)
+            else:
+                ws._uncork()
+        except OSError:
+            ws.abort()
         except Exception:  # noqa: BLE001 - one socket's failure must not strand the others
             log.exception("writing to a connection failed")
             ws.abort()

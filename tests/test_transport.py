@@ -187,6 +187,21 @@ def test_invalid_utf8_is_closed_with_1007(server, clients, fragments):
     assert close_code(raw) == 1007
 
 
+def test_text_after_our_close_frame_is_dropped(server, clients):
+    """Messages that follow our close frame in the same packet are read and dropped, not
+    relayed (RFC 6455 1.4), short ones as well as long ones."""
+    watcher = clients.plain(server)
+    raw = raw_client(server, clients)
+    raw_id = new_client_id(watcher)
+    raw.sock.sendall(frame_bytes(OP_BINARY, b"\x00")  # plain text has no binary: 1003
+                     + frame_bytes(OP_TEXT, b"short after close")
+                     + frame_bytes(OP_TEXT, b"long after close " * 10))
+    assert close_code(raw) == 1003
+    raw.send_frame(OP_CLOSE, struct.pack("!H", 1000))
+    assert watcher.recv() == "Client %d disconnected." % raw_id
+    assert watcher.quiet() is None
+
+
 def test_multibyte_chars_split_across_fragments_are_relayed_intact(server, clients):
     """Valid characters split between fragments arrive whole at a plain client."""
     watcher = clients.plain(server)
