@@ -203,12 +203,16 @@ class HardenedWebSocket(WebSocket):
     def _ready(self):
         """True when there is something to read now: bytes, the peer's EOF, or an error.
 
-        After a read that took less than it asked for, the socket had nothing more: False
-        without asking it again (as libuv does), since the usual message comes alone and a
-        read that finds nothing costs a system call and an exception. Bytes that came
-        meanwhile wake the parked connection at once (the watcher is level-triggered).
+        After a read that took less than it asked for and held one message, the socket had
+        nothing more: False without asking it again (as libuv does after a short read), since
+        a chat line usually comes alone and a read that finds nothing costs a system call and
+        an exception. Bytes that came meanwhile wake the parked connection at once (the
+        watcher is level-triggered). A read that held more than one message is from a peer
+        sending fast: it is asked again, so that more of its messages share this turn's
+        writes.
         """
         if self._buf:
+            self._drained = False  # a second message in one read (or a frame's rest)
             return True
         if self._drained:
             return False
