@@ -577,6 +577,8 @@ class HardenedWebSocket(WebSocket):
         self.closed = True
 
     def _send_close(self, code, reason):
+        if self.dead:
+            return  # nothing more is written (and _uncork_all counts on a dead socket's empty cork)
         if isinstance(reason, (bytes, bytearray)):
             reason = bytes(reason).decode("utf-8", "replace")
         self._push(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
