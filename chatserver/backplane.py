@@ -346,8 +346,21 @@ def _keys(room):
 
 
 CONTROL = "chat:control"
-CLIENTS = "chat:clients"
+CLIENTS = "chat:clients"  # connection id -> when its presence expires (ms)
+CLIENT_AT = "chat:clients:at"  # connection id -> the origin of the process that holds it
+INBOX = "chat:process:"  # + origin: the channel of one process, for direct messages
 IDS = "chat:ids"
+
+# KEYS: clients, clients' processes. ARGV: now (ms), batch size. Forgets connections whose
+# presence expired (their process died), a batch at a time (Lua's unpack has a limit).
+FORGET_CLIENTS = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return #gone
+"""
 
 
 def _text(value):
@@ -392,6 +405,8 @@ class RedisBackplane:
         self._refresh = self.redis.register_script(ANNOUNCE)
         self._return = self.redis.register_script(RETURN)
         self._raise_ids = self.redis.register_script(RAISE_IDS)
+        self._forget_clients = self.redis.register_script(FORGET_CLIENTS)
+        self._inbox = INBOX + self.origin
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
         self._deliver = None
@@ -482,7 +497,7 @@ class RedisBackplane:
         for event in self._channels.values():
             event.clear()
         with self._write_lock:
-            for channel in [CONTROL] + list(self._channels):
+            for channel in [CONTROL, self._inbox] + list(self._channels):
                 self._pending[channel] = self._pending.get(channel, 0) + 1
                 conn.send_command("SUBSCRIBE", channel)
         if not self.up:
@@ -693,11 +708,17 @@ class RedisBackplane:
         return int(self._call(self.redis.incr, IDS))
 
     def online(self, member):
-        self._call(self.redis.zadd, CLIENTS, {member["id"]: self._expiry()})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(CLIENTS, {member["id"]: self._expiry()})
+        pipe.hset(CLIENT_AT, member["id"], self.origin)
+        self._call(pipe.execute)
 
     def offline(self, member_id):
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(CLIENTS, member_id)
+        pipe.hdel(CLIENT_AT, member_id)
         try:
-            self._call(self.redis.zrem, CLIENTS, member_id)
+            self._call(pipe.execute)
         except Unavailable:
             self._note_unfinished(None, member_id, None)
             raise
@@ -811,11 +832,18 @@ class RedisBackplane:
         self._call(self.redis.publish, CONTROL, json.dumps(dict(event, o=self.origin)))
 
     def direct(self, to, event):
-        score = self._call(self.redis.zscore, CLIENTS, to)
+        """To the process that holds connection ``to``, on its own channel: when no process
+        listens there (it died, or is cut off from Redis), the message reached no one and
+        False says so at once, not only once its presence expires. (A connection of a
+        process that does not say where it is goes to every process.)"""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(CLIENTS, to)
+        pipe.hget(CLIENT_AT, to)
+        score, origin = self._call(pipe.execute)
         if score is None or score < time.time() * 1000:
             return False
-        self._call(self.redis.publish, CONTROL, json.dumps(dict(event, o=self.origin)))
-        return True
+        channel = INBOX + _text(origin) if origin else CONTROL
+        return self._call(self.redis.publish, channel, json.dumps(dict(event, o=self.origin))) > 0
 
     # -- presence refresh --------------------------------------------------------------
 
@@ -855,8 +883,10 @@ class RedisBackplane:
                 refreshed.append((room, {m["id"]: m for m in members}))
         if everyone:
             pipe.zadd(CLIENTS, {m["id"]: expiry for m in everyone})
+            pipe.hset(CLIENT_AT, mapping={m["id"]: self.origin for m in everyone})
             self._raise_ids(keys=[IDS], args=[max(m["id"] for m in everyone)], client=pipe)
-        pipe.zremrangebyscore(CLIENTS, "-inf", int(time.time() * 1000))
+        self._forget_clients(keys=[CLIENTS, CLIENT_AT], args=[int(time.time() * 1000), PRUNE_BATCH],
+                             client=pipe)
         replies = pipe.execute()
         # Members may have left while the refresh was on its way (a stalled process goes on
         # with the leaves its clients sent meanwhile): not back, and not to be kept listed.
@@ -880,5 +910,6 @@ class RedisBackplane:
         closed = {m["id"] for m in everyone} - {m["id"] for m in everyone_now}
         if closed:
             stale.zrem(CLIENTS, *closed)
+            stale.hdel(CLIENT_AT, *closed)
         if len(stale):
             stale.execute()

@@ -117,6 +117,24 @@ def test_direct_message_to_another_process(pair, clients):
     assert j1.wait("error")["code"] == "no_such_client"
 
 
+def test_direct_to_a_client_of_a_killed_process_is_refused_at_once(start_server, redis_server,
+                                                                   clients):
+    """A `direct` to a connection whose process was killed outright gets `no_such_client`
+    at once, not silence until that process's presence expires (PRESENCE_TTL)."""
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "60"}
+    a, b = start_server(env=env), start_server(env=env)
+    sender, gone, stays = clients.json(a), clients.json(b), clients.json(a)
+    sender.send(type="direct", to=gone.id, text="before", ref="d1")
+    assert gone.wait("direct")["text"] == "before"
+    b.signal(signal.SIGKILL)
+    b.proc.wait(5)
+    sender.send(type="direct", to=gone.id, text="after", ref="d2")
+    error = sender.wait("error", timeout=5)
+    assert (error["code"], error["ref"]) == ("no_such_client", "d2")
+    sender.send(type="direct", to=stays.id, text="still here", ref="d3")
+    assert stays.wait("direct")["text"] == "still here"
+
+
 def test_history_and_recovery_from_another_process(pair, clients):
     """A client that reconnects to the other process recovers exactly what it missed."""
     a, b = pair
@@ -154,7 +172,7 @@ def test_resend_on_another_process_is_not_stored_twice(pair, clients):
     assert texts == ["exactly once"]
 
 
-def test_dead_process_leaves_no_ghosts(pair, clients):
+def test_dead_process_leaves_no_ghosts(pair, redis_server, clients):
     """Members of a process killed outright are dropped after PRESENCE_TTL, and the others are
     told they left, even in a quiet room where nobody joins."""
     a, b = pair
@@ -165,6 +183,16 @@ def test_dead_process_leaves_no_ghosts(pair, clients):
     b.proc.wait(5)
     j1.wait("presence", event="leave", member=ghost.welcome["members"][-1], timeout=8)
     assert ghost.id not in {m["id"] for m in clients.json(a).welcome["members"]}
+    # Nor is the dead process remembered as the ghost's host (the record of which process
+    # holds a connection would otherwise grow with every process killed).
+    import redis
+    store = redis.Redis.from_url(redis_server.url)
+    poll(lambda: not store.hexists("chat:clients:at", ghost.id), timeout=5)
+    assert store.hexists("chat:clients:at", j1.id)
+    leaving = clients.json(a)
+    assert store.hexists("chat:clients:at", leaving.id)
+    leaving.close()
+    poll(lambda: not store.hexists("chat:clients:at", leaving.id), timeout=5)
 
 
 def test_members_of_a_process_that_stalled_are_announced_back(pair, clients):
