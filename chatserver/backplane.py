@@ -412,6 +412,7 @@ class RedisBackplane:
         self._deliver = None
         self._local_members = None
         self._channels = {}  # channel -> Event set once Redis confirmed the subscription
+        self._channels[self._inbox] = gevent.event.Event()  # ours, for directs: for good
         self._seen = {}  # watched room -> [epoch, highest message id this process has had]
         # (from the subscription on: a message may arrive while a join's history is read)
         self._unfinished = {}  # (room, id) of leaves Redis did not hear of -> the member's
@@ -436,6 +437,9 @@ class RedisBackplane:
         self._listener = gevent.spawn(self._listen)
         self._greenlets = [self._listener, gevent.spawn(self._refresh_forever)]
         self._connected.wait(SUBSCRIBE_WAIT)
+        if self.up:
+            # Directs to our clients come on our channel: listened to before any client comes.
+            self._channels[self._inbox].wait(SUBSCRIBE_WAIT)
         log.info("Redis backplane at %s, connections named chat-%s", self._safe_url(), self.origin)
         if not self.up:
             log.warning("Redis at %s is not reachable yet; retrying in the background",
@@ -497,7 +501,7 @@ class RedisBackplane:
         for event in self._channels.values():
             event.clear()
         with self._write_lock:
-            for channel in [CONTROL, self._inbox] + list(self._channels):
+            for channel in [CONTROL] + list(self._channels):
                 self._pending[channel] = self._pending.get(channel, 0) + 1
                 conn.send_command("SUBSCRIBE", channel)
         if not self.up:
