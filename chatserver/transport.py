@@ -94,8 +94,7 @@ class HardenedWebSocket(WebSocket):
 
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_drained", "_sock_recv",
-                 "_queued",
-                 "_paused", "_unacked", "_swept", "_window", "_controls",
+                 "_queued", "_paused", "_unacked", "_swept", "_window", "_controls",
                  "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
                  "_cork")
 
@@ -316,7 +315,8 @@ class HardenedWebSocket(WebSocket):
                 try:
                     text = frames.unmask(buf[6:6 + n], buf[2:6]).decode("utf-8")
                 except UnicodeDecodeError:
-                    raise FrameError(frames.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                    raise FrameError(frames.INVALID_DATA,
+                                     "invalid UTF-8 in a text message") from None
                 # RFC 6455 1.4: data after our close frame is read and dropped.
                 return text if self.close_code is None else NO_MESSAGE
         opcode, parts, size, decoder, fragments = None, [], 0, None, 0
@@ -578,7 +578,7 @@ class HardenedWebSocket(WebSocket):
 
     def _send_close(self, code, reason):
         if self.dead:
-            return  # nothing more is written (and _uncork_all counts on a dead socket's empty cork)
+            return  # nothing more is written (_uncork_all counts on a dead socket's empty cork)
         if isinstance(reason, (bytes, bytearray)):
             reason = bytes(reason).decode("utf-8", "replace")
         self._push(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
