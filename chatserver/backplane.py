@@ -362,6 +362,24 @@ end
 return #gone
 """
 
+# KEYS: clients, clients' processes. ARGV: a cursor, how many to look at. Drops the records
+# of connections no longer listed that FORGET_CLIENTS did not see go (a process of an older
+# version pruned them); returns the cursor to go on from, "0" after a whole pass.
+SWEEP_CLIENTS = """
+local page = redis.call('HSCAN', KEYS[2], ARGV[1], 'COUNT', ARGV[2])
+local gone = {}
+for i = 1, #page[2], 2 do
+  if not redis.call('ZSCORE', KEYS[1], page[2][i]) then
+    gone[#gone + 1] = page[2][i]
+  end
+end
+if #gone > 0 then
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return page[1]
+"""
+SWEEP_BATCH = 500
+
 
 def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
@@ -406,6 +424,8 @@ class RedisBackplane:
         self._return = self.redis.register_script(RETURN)
         self._raise_ids = self.redis.register_script(RAISE_IDS)
         self._forget_clients = self.redis.register_script(FORGET_CLIENTS)
+        self._sweep_clients = self.redis.register_script(SWEEP_CLIENTS)
+        self._sweep_cursor = "0"
         self._inbox = INBOX + self.origin
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
@@ -891,7 +911,10 @@ class RedisBackplane:
             self._raise_ids(keys=[IDS], args=[max(m["id"] for m in everyone)], client=pipe)
         self._forget_clients(keys=[CLIENTS, CLIENT_AT], args=[int(time.time() * 1000), PRUNE_BATCH],
                              client=pipe)
+        self._sweep_clients(keys=[CLIENTS, CLIENT_AT], args=[self._sweep_cursor, SWEEP_BATCH],
+                            client=pipe)
         replies = pipe.execute()
+        self._sweep_cursor = _text(replies[-1])
         # Members may have left while the refresh was on its way (a stalled process goes on
         # with the leaves its clients sent meanwhile): not back, and not to be kept listed.
         rooms_now, everyone_now = self._local_members()

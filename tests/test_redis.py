@@ -193,6 +193,11 @@ def test_dead_process_leaves_no_ghosts(pair, redis_server, clients):
     assert store.hexists("chat:clients:at", leaving.id)
     leaving.close()
     poll(lambda: not store.hexists("chat:clients:at", leaving.id), timeout=5)
+    # A record left by a process of an older version (it pruned the presence but did not
+    # know of the record) is swept too.
+    store.hset("chat:clients:at", 10 ** 9, "0ld0ld0ld0ld")
+    poll(lambda: not store.hexists("chat:clients:at", 10 ** 9), timeout=5)
+    assert store.hexists("chat:clients:at", j1.id)
 
 
 def test_members_of_a_process_that_stalled_are_announced_back(pair, clients):
