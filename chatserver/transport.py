@@ -61,6 +61,7 @@ BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: 
 
 
 FIN_TEXT = 0x80 | frames.OP_TEXT  # a frame's first byte: a whole text message, no extension
+INVALID_UTF8 = (frames.INVALID_DATA, "invalid UTF-8 in a text message")  # RFC 6455 8.1: 1007
 NO_MESSAGE = object()  # receive(): a frame was handled, but it carried no message
 
 
@@ -315,8 +316,7 @@ class HardenedWebSocket(WebSocket):
                 try:
                     text = frames.unmask(buf[6:6 + n], buf[2:6]).decode("utf-8")
                 except UnicodeDecodeError:
-                    raise FrameError(frames.INVALID_DATA,
-                                     "invalid UTF-8 in a text message") from None
+                    raise FrameError(*INVALID_UTF8) from None
                 # RFC 6455 1.4: data after our close frame is read and dropped.
                 return text if self.close_code is None else NO_MESSAGE
         opcode, parts, size, decoder, fragments = None, [], 0, None, 0
@@ -364,13 +364,13 @@ class HardenedWebSocket(WebSocket):
                     try:
                         chunk = decoder.decode(chunk, final=fin and not remaining)
                     except UnicodeDecodeError:
-                        raise FrameError(frames.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                        raise FrameError(*INVALID_UTF8) from None
                 parts.append(chunk)
             if decoder is not None and fin and not length:
                 try:
                     decoder.decode(b"", final=True)
                 except UnicodeDecodeError:
-                    raise FrameError(frames.INVALID_DATA, "invalid UTF-8 in a text message") from None
+                    raise FrameError(*INVALID_UTF8) from None
             if fin:
                 if self.close_code is not None:
                     # RFC 6455 1.4: data after our close frame is read and dropped.
