@@ -319,7 +319,8 @@ class Hub:
                     if msg_id <= held:
                         continue
                     del member.pending[room]  # later ids only from here on
-            member.send(frame)
+            send = member.send  # a bound method kept in a slot: so, no lookup of it as a method
+            send(frame)
 
     def _resync(self, room):
         """Messages of ``room`` were missed (the shared store was unreachable, or lost its

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import http.client
 import logging
+import os
 import socket
 import struct
 import termios
@@ -96,8 +97,8 @@ class HardenedWebSocket(WebSocket):
     __slots__ = ("sock", "subprotocol", "peer", "max_size", "outbox_limit", "last_seen",
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_drained", "_sock_recv",
                  "_queued", "_paused", "_unacked", "_swept", "_window", "_controls",
-                 "_sock_send", "_watcher", "_session", "_registry", "_outbox", "_writer",
-                 "_cork")
+                 "_fd", "_watcher", "_session", "_registry", "_outbox", "_writer", "_cork",
+                 "_wrote_in")
 
     def __init__(self, sock, peer, policy, subprotocol, registry, buffered=b""):
         # Not the library's constructor: it keeps the request (environ, handler, stream)
@@ -115,7 +116,11 @@ class HardenedWebSocket(WebSocket):
         self._buf = buffered  # bytes received and not yet parsed
         self._drained = False  # the last read took all the socket had (see _ready)
         self._sock_recv = sock._sock.recv  # the raw non-blocking socket: no gevent layer
-        self._sock_send = sock._sock.send
+        # Written with os.write, a plain system call: socket.send first parses its arguments
+        # into a tuple and sets up its timeout, a tenth of what a delivery costs us.
+        # No write follows abort(), which comes before the socket is closed, so a descriptor
+        # number reused by a later connection is never written.
+        self._fd = sock.fileno()
         self._watcher = None  # the event-loop watcher that wakes a parked connection
         self._session = None
         self._registry = registry
@@ -128,8 +133,13 @@ class HardenedWebSocket(WebSocket):
         self._window, self._controls = self.last_seen, 0  # control frames this second
         self._writer = None
         self._cork = None  # frames given in this turn of the event loop, not yet written
+        # The turn of the loop in which this socket was last written at once (see
+        # send_frame_bytes), or HELD while it may not be: frames wait (corked or in the
+        # outbox) or it is closing. One comparison then tells whether a frame may go now.
+        self._wrote_in = -1
+        _count_turns()
         try:
-            # Frames are written whole (and coalesced per turn of the loop), so Nagle's
+            # Frames are written whole (and held for the end of a busy turn), so Nagle's
             # algorithm only adds delay: with the peer's delayed ACK, up to 40 ms a message.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
@@ -418,6 +428,7 @@ class HardenedWebSocket(WebSocket):
         code, reason = frames.parse_close(payload)
         if self.close_code is None:
             self.close_code, self.close_reason = code or frames.NORMAL, reason
+            self._wrote_in = HELD
             self._send_close(code or frames.NORMAL, "")
         return True
 
@@ -437,14 +448,27 @@ class HardenedWebSocket(WebSocket):
     # -- writing -------------------------------------------------------------------------
 
     def send_frame_bytes(self, data):
-        """Queue a complete frame without blocking; False when it was dropped.
+        """Write a complete frame without blocking; False when it was dropped.
 
-        The frame is held (corked) until the current greenlet yields to the event loop, then
-        everything this socket was given in that turn goes out in one non-blocking write: a
-        broadcast costs one system call per recipient however many messages it carried.
-        What the socket does not take goes to the outbox, drained by a writer greenlet that
-        exists only while the peer is behind.
+        The first frame a socket is given in a turn of the event loop is written at once: a
+        chat line's usual case, one system call and no waiting. Frames after it in the same
+        turn are held (corked) until the greenlets of the turn have yielded, then go out in
+        one write: a burst of messages costs two writes per recipient, however many it
+        carried. What the socket does not take goes to the outbox, drained by a writer
+        greenlet that exists only while the peer is behind.
         """
+        if self._wrote_in < _loop_turn:  # not written this turn, nothing waits, not closing
+            self._wrote_in = _loop_turn
+            try:  # (_uncork's write, inline: this runs once per recipient of a broadcast)
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return False
+            if sent != len(data):
+                self._behind((data,), sent)
+            return True
         if self.close_code is not None or self.dead:
             return False
         return self._push(data)
@@ -456,6 +480,7 @@ class HardenedWebSocket(WebSocket):
             cork = self._cork
             if cork is None:
                 self._cork = data
+                self._wrote_in = HELD
                 _corked.append(self)
                 if len(_corked) == 1:
                     gevent.get_hub().loop.run_callback(_uncork_all)
@@ -474,9 +499,8 @@ class HardenedWebSocket(WebSocket):
         return True
 
     def _uncork(self):
-        """Write the corked frames in one non-blocking send; queue what the socket refused
-        and start the writer for it. The only writes outside the writer greenlet (with
-        _uncork_all's copy of the one-frame case)."""
+        """Write the corked frames in one non-blocking write; queue what the socket refused
+        and start the writer for it. (_uncork_all has its own copy of the one-frame case.)"""
         cork, self._cork = self._cork, None
         if cork is None or self.dead:
             return
@@ -485,7 +509,7 @@ class HardenedWebSocket(WebSocket):
         else:
             data, cork = cork, (cork,)
         try:
-            sent = self._sock_send(data)
+            sent = os.write(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -493,6 +517,14 @@ class HardenedWebSocket(WebSocket):
             return
         if sent != len(data):
             self._behind(cork, sent)
+        else:
+            self._reopen()
+
+    def _reopen(self):
+        """Let frames be written at once again, if nothing waits and the socket is open."""
+        if self._cork is None and self._writer is None and self.close_code is None \
+                and not self.dead:
+            self._wrote_in = -1
 
     def _behind(self, cork, sent):
         """The peer is behind: queue the frames of ``cork`` past its first ``sent`` bytes
@@ -508,12 +540,14 @@ class HardenedWebSocket(WebSocket):
                 # (Once our close frame is given, it is the cork's last frame: all of it is
                 # queued, at most CORK_FRAMES frames, or the close frame would be lost.)
                 self._writer = gevent.spawn(self._drain)  # it writes the close frame
+                self._wrote_in = HELD
                 self._slow_consumer()
                 return
             outbox.append(memoryview(frame)[sent:] if sent else frame)
             self._queued += len(frame) - sent
             sent = 0
         self._writer = gevent.spawn(self._drain)
+        self._wrote_in = HELD
 
     def _drain(self):
         outbox = self._outbox
@@ -537,6 +571,7 @@ class HardenedWebSocket(WebSocket):
             # Caught up (or dead): back to direct writes, and no outbox kept while idle.
             self._writer = self._outbox = None
             self._queued = 0
+            self._reopen()
             if self._paused:
                 # Requests may wait in our buffer, not only on the socket: the loop hands
                 # us to a reader as it would on new bytes (the writer cannot switch to it).
@@ -570,6 +605,7 @@ class HardenedWebSocket(WebSocket):
         ``receive``, and a peer that has not answered within ``wait`` seconds is dropped."""
         if self.close_code is None and not self.dead:
             self.close_code, self.close_reason = code, message or ""
+            self._wrote_in = HELD
             self._send_close(code, self.close_reason)
             # A peer that ignores our close frame (and, say, goes on flooding) must not keep
             # the connection: RFC 6455 7.1.1 lets the server drop it.
@@ -592,10 +628,11 @@ class HardenedWebSocket(WebSocket):
             # Frames given before the end still get the one non-blocking write they would
             # have had uncorked: a peer that only half-closed reads them before our FIN.
             try:
-                self._sock_send(b"".join(cork) if cork.__class__ is list else cork)
+                os.write(self._fd, b"".join(cork) if cork.__class__ is list else cork)
             except OSError:
                 pass
         self.dead = self.closed = True
+        self._wrote_in = HELD
         if self._outbox is not None:
             self._outbox.clear()
             self._queued = 0
@@ -633,6 +670,26 @@ def _reader(ws):
         ws = hub.switch()  # the loop switches back with the next connection (see _wake)
 
 
+HELD = 1 << 62  # a socket's _wrote_in while it may not be written at once: later than any turn
+_loop_turn = 0  # the event loop's turns, counted from the first connection (see _count_turns)
+_turn_counter = None  # the loop watcher that counts them
+
+
+def _count_turns():
+    """Count the turns of the event loop, once: a watcher of the loop's prepare phase, run
+    each time before it waits for I/O, tells the turns apart for send_frame_bytes. (The
+    loop of the thread that made the first connection: the server's.)"""
+    global _turn_counter
+    if _turn_counter is None:
+        _turn_counter = gevent.get_hub().loop.prepare(ref=False)  # (keeps no loop running)
+        _turn_counter.start(_next_turn)
+
+
+def _next_turn():
+    global _loop_turn
+    _loop_turn += 1
+
+
 _corked = []  # sockets holding corked frames, written when the loop next runs callbacks
 
 
@@ -645,15 +702,17 @@ def _uncork_all():
         try:
             if cork.__class__ is bytes:
                 # One frame, a broadcast's usual case: HardenedWebSocket._uncork inline, as
-                # a method call per recipient costs a tenth of the send. (A socket that died
-                # has no cork.)
+                # a method call per recipient costs a tenth of the write. (A socket that
+                # died has no cork.)
                 ws._cork = None
                 try:
-                    sent = ws._sock_send(cork)
+                    sent = os.write(ws._fd, cork)
                 except BlockingIOError:
                     sent = 0
                 if sent != len(cork):
                     ws._behind((cork,), sent)
+                elif ws.close_code is None:  # (_reopen inline: no writer, no cork, not dead)
+                    ws._wrote_in = -1
             else:
                 ws._uncork()
         except OSError:

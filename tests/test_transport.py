@@ -1,5 +1,6 @@
 """The frame level of RFC 6455 against the live server: framing errors and their close codes,
 size limits, UTF-8 validation, control frames, keepalive, slow consumers, floods and shutdown."""
+import os
 import re
 import socket
 import struct
@@ -401,6 +402,8 @@ def test_close_frame_after_frames_the_peer_has_not_taken_is_not_lost():
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     ws = transport.HardenedWebSocket(gevent.socket.socket(fileno=ours.detach()), "peer",
                                      transport.Policy(outbox_size=1), None, set())
+    first = frames.frame(frames.OP_BINARY, b"first")
+    ws.send_frame_bytes(first)  # written at once: what follows in this turn is held
     for _ in range(3):
         ws.send_frame_bytes(frames.frame(frames.OP_BINARY, b"x" * 40000))
     ws.close(frames.POLICY, "going")
@@ -413,10 +416,94 @@ def test_close_frame_after_frames_the_peer_has_not_taken_is_not_lost():
             assert chunk, "EOF after %d bytes, no close frame" % len(got)
             got += chunk
             gevent.sleep(0.01)
-    assert len(got) == 3 * (40000 + 4) + len(frames.frame(frames.OP_CLOSE,
-                                                            frames.close_payload(1008, "going")))
+    closing = frames.frame(frames.OP_CLOSE, frames.close_payload(1008, "going"))
+    assert len(got) == len(first) + 3 * (40000 + 4) + len(closing)
     ws.abort()
     theirs.close()
+
+
+# -- writes -------------------------------------------------------------------------------
+
+def socket_pair(**policy):
+    """A HardenedWebSocket on one end of a socket pair, and the other end, non-blocking."""
+    ours, theirs = socket.socketpair()
+    ws = transport.HardenedWebSocket(gevent.socket.socket(fileno=ours.detach()), "peer",
+                                     transport.Policy(**policy), None, set())
+    theirs.setblocking(False)
+    return ws, theirs
+
+
+def available(sock):
+    try:
+        return sock.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def test_a_frame_goes_out_at_once_and_the_rest_of_its_turn_when_the_turn_ends():
+    ws, theirs = socket_pair()
+    a, b, c = (frames.text_frame(text) for text in "abc")
+    assert ws.send_frame_bytes(a)
+    assert available(theirs) == a  # before this greenlet yields
+    assert ws.send_frame_bytes(b) and ws.send_frame_bytes(c)
+    assert available(theirs) == b""  # held for the end of the turn
+    gevent.sleep(0)
+    assert available(theirs) == b + c
+    assert ws.send_frame_bytes(a)
+    assert available(theirs) == a
+    ws.abort()
+    theirs.close()
+
+
+def test_nothing_is_written_after_our_close_frame():
+    ws, theirs = socket_pair()
+    assert ws.send_frame_bytes(frames.text_frame("before"))
+    ws.close(frames.NORMAL, "bye")
+    gevent.sleep(0)
+    assert not ws.send_frame_bytes(frames.text_frame("after"))  # a later turn
+    gevent.sleep(0)
+    assert available(theirs) == frames.text_frame("before") + frames.frame(
+        frames.OP_CLOSE, frames.close_payload(frames.NORMAL, "bye"))
+    ws.abort()
+    theirs.close()
+
+
+def test_a_peer_that_caught_up_gets_frames_at_once_again():
+    ws, theirs = socket_pair()
+    big = frames.frame(frames.OP_BINARY, b"x" * (4 << 20))  # more than the socket buffers
+    assert ws.send_frame_bytes(big)
+    got = 0
+    with gevent.Timeout(10):
+        while got < len(big):
+            got += len(available(theirs))
+            gevent.sleep(0.001)  # the writer sends the rest as we read
+    gevent.sleep(0.01)
+    small = frames.text_frame("caught up")
+    assert ws.send_frame_bytes(small)
+    assert available(theirs) == small  # not held: nothing waits any more
+    ws.abort()
+    theirs.close()
+
+
+def test_an_ended_connection_never_writes_to_its_descriptor_once_reused():
+    """Writes go to the descriptor number (os.write); after a connection ends, the number
+    may be a new connection's."""
+    ws, theirs = socket_pair()
+    fd = ws.sock.fileno()
+    ws.abort()
+    ws.sock.close()  # as a connection's end does
+    gevent.sleep(0)  # (gevent closes the descriptor itself when the loop next runs)
+    other, peer = socket.socketpair()  # a new connection takes the lowest free number...
+    if other.fileno() != fd:  # ...which is the old one's, else made so
+        os.dup2(other.fileno(), fd)
+        other.close()
+        other = socket.socket(fileno=fd)
+    peer.setblocking(False)
+    assert not ws.send_frame_bytes(frames.text_frame("late"))
+    gevent.sleep(0)
+    assert available(peer) == b""
+    for sock in (theirs, other, peer):
+        sock.close()
 
 
 # -- flood --------------------------------------------------------------------------------
