@@ -176,6 +176,7 @@ class HardenedWebSocket(WebSocket):
                 if message is None:
                     break
                 if message is not NO_MESSAGE:
+                    _reading(more=bool(self._buf))
                     session.received(message)
             else:
                 self._watcher.start(self._wake)
@@ -450,12 +451,12 @@ class HardenedWebSocket(WebSocket):
     def send_frame_bytes(self, data):
         """Write a complete frame without blocking; False when it was dropped.
 
-        The first frame a socket is given in a turn of the event loop is written at once: a
-        chat line's usual case, one system call and no waiting. Frames after it in the same
-        turn are held (corked) until the greenlets of the turn have yielded, then go out in
-        one write: a burst of messages costs two writes per recipient, however many it
-        carried. What the socket does not take goes to the outbox, drained by a writer
-        greenlet that exists only while the peer is behind.
+        In a quiet turn of the event loop (one message read, a chat line's usual case), a
+        socket's first frame is written at once: one system call, no waiting. Frames after
+        it in the same turn, and all frames of a busy turn (see _reading), are held (corked)
+        until the greenlets of the turn have yielded, then go out in one write per socket,
+        however many messages they carry. What the socket does not take goes to the outbox,
+        drained by a writer greenlet that exists only while the peer is behind.
         """
         if self._wrote_in < _loop_turn:  # not written this turn, nothing waits, not closing
             self._wrote_in = _loop_turn
@@ -670,15 +671,23 @@ def _reader(ws):
         ws = hub.switch()  # the loop switches back with the next connection (see _wake)
 
 
+# -- turns of the event loop ------------------------------------------------------------
+# Writes are grouped by turn of the loop (one pass: wait for I/O, run what is ready). The
+# state is the loop's, so it lives here; send_frame_bytes reads _loop_turn once per recipient.
+
 HELD = 1 << 62  # a socket's _wrote_in while it may not be written at once: later than any turn
-_loop_turn = 0  # the event loop's turns, counted from the first connection (see _count_turns)
-_turn_counter = None  # the loop watcher that counts them
+HOLD_ALL = -2  # _loop_turn in a busy turn: before any socket's _wrote_in, so all are held
+_turns = 0  # the loop's turns, counted from the first connection (see _count_turns)
+_loop_turn = 0  # the turn as send_frame_bytes sees it: _turns, or HOLD_ALL
+_read = 0  # messages read in this turn (2 for a read that brought several)
+_holding = False  # the last turn that read any read more than one: it was busy
+_turn_counter = None  # the loop watcher that counts the turns
 
 
 def _count_turns():
     """Count the turns of the event loop, once: a watcher of the loop's prepare phase, run
-    each time before it waits for I/O, tells the turns apart for send_frame_bytes. (The
-    loop of the thread that made the first connection: the server's.)"""
+    each time before it waits for I/O. (The loop of the thread that made the first
+    connection: the server's.)"""
     global _turn_counter
     if _turn_counter is None:
         _turn_counter = gevent.get_hub().loop.prepare(ref=False)  # (keeps no loop running)
@@ -686,8 +695,24 @@ def _count_turns():
 
 
 def _next_turn():
-    global _loop_turn
-    _loop_turn += 1
+    global _turns, _loop_turn, _read, _holding
+    _turns += 1
+    if _read:
+        _holding, _read = _read > 1, 0
+    # After a busy turn, more are likely (a burst, a crowd): their frames are held from the
+    # start, until a turn reads just one message.
+    _loop_turn = HOLD_ALL if _holding else _turns
+
+
+def _reading(more):
+    """A message is about to be handed over. If ``more`` came with it in one read, or
+    another was read before it in this turn, the turn is busy: the frames given in the rest
+    of it are all held and go out at its end, one write per socket (rather than a write at
+    once for each message's first, and one for the rest)."""
+    global _read, _loop_turn
+    _read += 2 if more else 1
+    if _read > 1:
+        _loop_turn = HOLD_ALL
 
 
 _corked = []  # sockets holding corked frames, written when the loop next runs callbacks

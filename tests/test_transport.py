@@ -455,6 +455,46 @@ def test_a_frame_goes_out_at_once_and_the_rest_of_its_turn_when_the_turn_ends():
     theirs.close()
 
 
+class Relay:
+    """A session that passes each message on to ``ws`` and notes what its peer could
+    read right after: the frame, when it was written at once, or nothing, when it was held."""
+
+    def __init__(self, ws, peer):
+        self.ws, self.peer, self.seen = ws, peer, []
+
+    def received(self, message):
+        self.ws.send_frame_bytes(frames.text_frame(message))
+        self.seen.append(available(self.peer))
+
+    def ended(self):
+        pass
+
+
+def test_a_burst_goes_out_in_one_write_and_a_lone_message_at_once():
+    sender, their_sender = socket_pair()
+    ws, theirs = socket_pair()
+    relay = Relay(ws, theirs)
+    their_sender.sendall(b"".join(frame_bytes(OP_TEXT, t.encode()) for t in ("a", "b", "c")))
+    sender.run(relay)  # reads the three in one read: a busy turn
+    assert relay.seen == [b"", b"", b""]
+    gevent.sleep(0)
+    assert available(theirs) == b"".join(frames.text_frame(t) for t in ("a", "b", "c"))
+    # Then one at a time: the turns after a busy one hold theirs too, until one has read a
+    # lone message; from then on, each is written at once.
+    for count, text in enumerate("defg", 4):
+        their_sender.sendall(frame_bytes(OP_TEXT, text.encode()))
+        with gevent.Timeout(5):
+            while len(relay.seen) < count:
+                gevent.sleep(0.001)
+        gevent.sleep(0)
+        assert relay.seen[-1] + available(theirs) == frames.text_frame(text)
+    assert relay.seen[-2:] == [frames.text_frame("f"), frames.text_frame("g")]
+    sender.abort()
+    ws.abort()
+    their_sender.close()
+    theirs.close()
+
+
 def test_nothing_is_written_after_our_close_frame():
     ws, theirs = socket_pair()
     assert ws.send_frame_bytes(frames.text_frame("before"))
