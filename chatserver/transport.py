@@ -492,7 +492,9 @@ class HardenedWebSocket(WebSocket):
             else:
                 self._cork = [cork, data]
             return True
-        if len(self._outbox) >= self.outbox_limit:
+        if len(self._outbox) >= self.outbox_limit and self.close_code is None:
+            # (Our close frame, the last one we give, is always queued: with OUTBOX_SIZE=1 and
+            # a frame the socket took in part, the outbox is full when _slow_consumer closes.)
             self._slow_consumer()
             return False
         self._outbox.append(data)
@@ -685,12 +687,13 @@ _turn_counter = None  # the loop watcher that counts the turns
 
 
 def _count_turns():
-    """Count the turns of the event loop, once: a watcher of the loop's prepare phase, run
-    each time before it waits for I/O. (The loop of the thread that made the first
-    connection: the server's.)"""
+    """Count the turns of the event loop: a watcher of the loop's prepare phase, run each
+    time before it waits for I/O. Started once, and again should the loop be replaced (by
+    a test, say). One loop's: the state here is module-wide, like _corked."""
     global _turn_counter
-    if _turn_counter is None:
-        _turn_counter = gevent.get_hub().loop.prepare(ref=False)  # (keeps no loop running)
+    loop = gevent.get_hub().loop
+    if _turn_counter is None or _turn_counter.loop is not loop:
+        _turn_counter = loop.prepare(ref=False)  # (keeps no loop running)
         _turn_counter.start(_next_turn)
 
 

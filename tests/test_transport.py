@@ -1,5 +1,6 @@
 """The frame level of RFC 6455 against the live server: framing errors and their close codes,
 size limits, UTF-8 validation, control frames, keepalive, slow consumers, floods and shutdown."""
+import gc
 import os
 import re
 import socket
@@ -425,7 +426,10 @@ def test_close_frame_after_frames_the_peer_has_not_taken_is_not_lost():
 # -- writes -------------------------------------------------------------------------------
 
 def socket_pair(**policy):
-    """A HardenedWebSocket on one end of a socket pair, and the other end, non-blocking."""
+    """A HardenedWebSocket on one end of a socket pair, and the other end, non-blocking.
+    The loop starts a quiet turn, whatever earlier tests read (a busy one holds frames)."""
+    transport._read, transport._holding = 0, False
+    transport._loop_turn = transport._turns
     ours, theirs = socket.socketpair()
     ws = transport.HardenedWebSocket(gevent.socket.socket(fileno=ours.detach()), "peer",
                                      transport.Policy(**policy), None, set())
@@ -525,25 +529,55 @@ def test_a_peer_that_caught_up_gets_frames_at_once_again():
     theirs.close()
 
 
-def test_an_ended_connection_never_writes_to_its_descriptor_once_reused():
+@pytest.mark.parametrize("held", [False, True], ids=["nothing-held", "frames-held"])
+def test_an_ended_connection_never_writes_to_its_descriptor_once_reused(held):
     """Writes go to the descriptor number (os.write); after a connection ends, the number
-    may be a new connection's."""
+    may be a new connection's. Frames held in the turn it ended in are not written there."""
+    gc.collect()  # sockets of earlier tests freed now, not in the middle of this one
     ws, theirs = socket_pair()
     fd = ws.sock.fileno()
+    if held:
+        assert ws.send_frame_bytes(frames.text_frame("at once"))
+        assert ws.send_frame_bytes(frames.text_frame("held"))
     ws.abort()
     ws.sock.close()  # as a connection's end does
     gevent.sleep(0)  # (gevent closes the descriptor itself when the loop next runs)
-    other, peer = socket.socketpair()  # a new connection takes the lowest free number...
-    if other.fileno() != fd:  # ...which is the old one's, else made so
+    other, peer = socket.socketpair()  # a new connection takes the lowest free number
+    if peer.fileno() == fd:
+        other, peer = peer, other
+    if other.fileno() != fd:  # a lower one was free: the old number is made to name it
         os.dup2(other.fileno(), fd)
         other.close()
         other = socket.socket(fileno=fd)
+    assert other.fileno() == fd
     peer.setblocking(False)
     assert not ws.send_frame_bytes(frames.text_frame("late"))
     gevent.sleep(0)
     assert available(peer) == b""
     for sock in (theirs, other, peer):
         sock.close()
+
+
+def test_a_slow_consumer_with_an_outbox_of_one_still_gets_its_close_frame():
+    ws, theirs = socket_pair(outbox_size=1)
+    for sock in (ws.sock, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = frames.frame(frames.OP_BINARY, b"x" * 40000)
+    assert ws.send_frame_bytes(big)  # taken in part: the rest fills the outbox
+    assert not ws.send_frame_bytes(frames.text_frame("one too many"))
+    closing = frames.frame(frames.OP_CLOSE, frames.close_payload(
+        1008, "slow consumer: too many frames queued"))
+    got = b""
+    with gevent.Timeout(10):
+        while not got.endswith(closing):
+            chunk = available(theirs)
+            assert chunk or not ws.dead, "dropped after %d bytes, no close frame" % len(got)
+            got += chunk
+            gevent.sleep(0.01)
+    assert got == big + closing
+    ws.abort()
+    theirs.close()
 
 
 # -- flood --------------------------------------------------------------------------------
