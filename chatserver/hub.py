@@ -319,7 +319,7 @@ class Hub:
                     if msg_id <= held:
                         continue
                     del member.pending[room]  # later ids only from here on
-            send = member.send  # a bound method kept in a slot: so, no lookup of it as a method
+            send = member.send  # a bound method in a slot: read, then called, no method lookup
             send(frame)
 
     def _resync(self, room):

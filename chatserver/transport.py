@@ -682,7 +682,7 @@ HOLD_ALL = -2  # _loop_turn in a busy turn: before any socket's _wrote_in, so al
 _turns = 0  # the loop's turns, counted from the first connection (see _count_turns)
 _loop_turn = 0  # the turn as send_frame_bytes sees it: _turns, or HOLD_ALL
 _read = 0  # messages read in this turn (2 for a read that brought several)
-_holding = False  # the last turn that read any read more than one: it was busy
+_holding = False  # the last turn that read anything read more than one message: busy
 _turn_counter = None  # the loop watcher that counts the turns
 
 
