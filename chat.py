@@ -36,7 +36,7 @@ def main(argv=None):
                                           settings.presence_ttl, settings.presence_limit)
     else:
         shared = backplane.LocalBackplane(settings.history_size, settings.history_bytes)
-    hub = Hub(settings, shared)
+    hub = Hub(settings, shared, group=session.Group)
     router = wamp.Router(hub, settings.wamp_realm)
     hub.start()
     app = web.create_app(hub, settings, health=shared.health, router=router)

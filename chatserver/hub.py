@@ -4,12 +4,14 @@ the fan-out of events to them.
 Every change to who is connected and who is in which room goes through a method here. What
 must hold across processes (ids, history, presence, the order of messages) is asked of the
 backplane, which hands every event back through ``deliver``. A delivery encodes each frame
-once per dialect and gives the same bytes to every recipient's ``send``, which never blocks
-(see ``transport``), so one slow client cannot hold up a room.
+once per dialect and gives the same bytes to the room's group of that dialect at once (see
+``Group``); nothing it does blocks (see ``transport``), so one slow client cannot hold up a
+room.
 
 A client, as the hub sees it, has: ``id``, ``nick``, ``dialect`` (PLAIN or JSON), ``rooms``
 (a set of names), ``pending`` (a dict), ``send(frame_bytes)`` and ``resync()`` (reconnect to
-catch up: messages were missed).
+catch up: messages were missed), and whatever the hub's group class needs of it (``Group``
+here: nothing more; ``session.Group``: its socket, ``ws``).
 """
 import logging
 import re
@@ -33,12 +35,38 @@ def default_nick(client_id):
 _DEFAULT_NICK = re.compile(r"c[il1]{2}ent(\d+)", re.ASCII)
 
 
+class Group:
+    """The members of a room that take its frames alike: one dialect, no join being answered.
+
+    The fan-out hands each frame to the group at once. This one calls each member's ``send``;
+    chat.py gives the hub ``session.Group``, which writes their sockets in one pass.
+    """
+
+    def __init__(self):
+        self._members = {}  # (a dict: in the order they came, for a predictable fan-out)
+
+    def __len__(self):
+        return len(self._members)
+
+    def add(self, client):
+        self._members[client] = None
+
+    def discard(self, client):
+        self._members.pop(client, None)
+
+    def send(self, frame, skip=None):
+        for client in tuple(self._members):
+            if client is not skip:
+                client.send(frame)
+
+
 class Hub:
     """Shape: clients[id] = client; local[room][id] = client (members on this process);
-    client.rooms = {room}; client.pending[room] = [(message id or None, frame)] while a
-    join is being answered."""
+    groups[room][dialect] = Group of the members with no client.pending[room], which is
+    [(message id or None, frame)] while a join is being answered, then the answer's floor.
+    """
 
-    def __init__(self, settings, backplane, clock=time.time):
+    def __init__(self, settings, backplane, clock=time.time, group=Group):
         self.presence_limit = settings.presence_limit
         self.max_rooms = settings.max_rooms
         # What one welcome/joined answer carries of history, in characters of JSON: a
@@ -50,6 +78,8 @@ class Hub:
         self.backplane = backplane
         self.clients = {}
         self.local = {}
+        self.groups = {}
+        self._group = group
         self.followed = {}  # room -> how many non-member listeners (the WAMP bridge) follow it
         self._listeners = {}  # event kind -> handler, for kinds other dialects own
         self._message_hooks = []
@@ -294,10 +324,22 @@ class Hub:
         members = self.local.get(room)
         if not members:
             return
+        groups = self.groups[room]
+        sender = self.clients.get(exclude_id)
         json_frame = plain_frame = None
+        if message is not None and groups[JSON]:
+            json_frame = frames.text_frame(protocol.encode(message))
+            groups[JSON].send(json_frame, sender)
+        if plain is not None and groups[PLAIN]:
+            plain_frame = frames.text_frame(plain)
+            groups[PLAIN].send(plain_frame, sender)
+        if len(groups[JSON]) + len(groups[PLAIN]) == len(members):
+            return
+        # The others' joins are being answered, or were just now (a floor).
         for member in tuple(members.values()):
-            if member.id == exclude_id:
-                continue
+            held = member.pending.get(room)
+            if held is None or member.id == exclude_id:
+                continue  # (in a group: it has the frame)
             if member.dialect == JSON:
                 if message is None:
                     continue
@@ -310,17 +352,15 @@ class Hub:
                 if plain_frame is None:
                     plain_frame = frames.text_frame(plain)
                 frame = plain_frame
-            if member.pending and room in member.pending:
-                held = member.pending[room]
-                if held.__class__ is list:  # its join is being answered: hold the frame
-                    held.append((msg_id, frame))
+            if held.__class__ is list:  # its join is being answered: hold the frame
+                held.append((msg_id, frame))
+                continue
+            if msg_id is not None:  # a floor: skip what its answer already held
+                if msg_id <= held:
                     continue
-                if msg_id is not None:  # a floor: skip what its answer already held
-                    if msg_id <= held:
-                        continue
-                    del member.pending[room]  # later ids only from here on
-            send = member.send  # a bound method in a slot: read, then called, no method lookup
-            send(frame)
+                del member.pending[room]  # later ids only from here on
+                self._ready(member, room)
+            member.send(frame)
 
     def _resync(self, room):
         """Messages of ``room`` were missed (the shared store was unreachable, or lost its
@@ -332,6 +372,7 @@ class Hub:
             held = member.pending.get(room)
             if held is not None and held.__class__ is not list:
                 del member.pending[room]
+                self._ready(member, room)
             if member.dialect == JSON:
                 member.resync()
                 resynced += 1
@@ -354,12 +395,16 @@ class Hub:
         floor = client.pending.get(name)
         if floor.__class__ is not list:
             client.pending[name] = []
+            self._unready(client, name)
         entered = False
         try:
             if new:
                 # A member before anything yields: a leave of the room's last other member
                 # meanwhile must not unsubscribe the room from under this join.
-                self.local.setdefault(name, {})[client.id] = client
+                if name not in self.local:
+                    self.local[name] = {}
+                    self.groups[name] = {JSON: self._group(), PLAIN: self._group()}
+                self.local[name][client.id] = client
                 client.rooms.add(name)
                 self.backplane.watch(name)
                 size = self.backplane.enter(name, _who(client))
@@ -383,6 +428,8 @@ class Hub:
                         client.send(frame)
                 if floor.__class__ is int:
                     client.pending[name] = floor
+                elif name not in client.pending:
+                    self._ready(client, name)
             raise
         return {"members": members, "member_count": count, "history": history,
                 "epoch": room_epoch, "recovered": recovered}
@@ -401,12 +448,15 @@ class Hub:
                 client.send(frame)
         if last and name in client.rooms:
             client.pending[name] = last
+        else:
+            self._ready(client, name)
 
     def _exit(self, client, name, announce=True):
         members = self.local.get(name, {})
         members.pop(client.id, None)
         client.rooms.discard(name)
         client.pending.pop(name, None)
+        self._unready(client, name)
         try:
             size = self.backplane.exit(name, client.id, client.nick)
         except Unavailable:
@@ -417,8 +467,22 @@ class Hub:
             self._publish_presence(name, "leave", client)
         if not self.local.get(name):  # as it is now: others may have come or gone meanwhile
             self.local.pop(name, None)
+            self.groups.pop(name, None)
             if not self.followed.get(name):
                 self.backplane.unwatch(name)
+
+    def _ready(self, client, name):
+        """Nothing of room ``name`` waits for ``client`` any more: it takes the room's
+        frames with its group (if it is still a member)."""
+        if name in client.rooms and name not in client.pending:
+            groups = self.groups.get(name)
+            if groups is not None:
+                groups[client.dialect].add(client)
+
+    def _unready(self, client, name):
+        groups = self.groups.get(name)
+        if groups is not None:
+            groups[client.dialect].discard(client)
 
     def _announce(self, name, event, client):
         members, count = self._members_quietly(name)

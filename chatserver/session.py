@@ -9,13 +9,29 @@ import time
 
 import gevent
 
-from . import frames, protocol, wamp
+from . import frames, protocol, transport, wamp
 from .backplane import Unavailable
 from .hub import JSON, PLAIN
 from .protocol import ProtocolError
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
+
+
+class Group(transport.Group):
+    """The hub's groups (a room's members of one dialect) for Connections: kept as their
+    sockets, which the transport writes in one pass."""
+
+    __slots__ = ()
+
+    def add(self, client):
+        transport.Group.add(self, client.ws)
+
+    def discard(self, client):
+        transport.Group.discard(self, client.ws)
+
+    def send(self, frame, skip=None):
+        transport.Group.send(self, frame, None if skip is None else skip.ws)
 
 
 class Connection:

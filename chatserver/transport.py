@@ -19,12 +19,14 @@ import fcntl
 import hashlib
 import http.client
 import logging
+import operator
 import os
 import socket
 import struct
 import termios
 import time
 from collections import deque
+from itertools import repeat
 
 import gevent
 import gevent.socket
@@ -271,6 +273,7 @@ class HardenedWebSocket(WebSocket):
             log.exception("ending the connection from %s failed", self.peer)
         finally:
             self.abort()
+            _held.discard(self)  # no longer in any group (the session has ended)
             self._registry.discard(self)
             self._watcher = self._session = None
             self.sock.close()
@@ -429,7 +432,7 @@ class HardenedWebSocket(WebSocket):
         code, reason = frames.parse_close(payload)
         if self.close_code is None:
             self.close_code, self.close_reason = code or frames.NORMAL, reason
-            self._wrote_in = HELD
+            self._hold()
             self._send_close(code or frames.NORMAL, "")
         return True
 
@@ -482,6 +485,7 @@ class HardenedWebSocket(WebSocket):
             if cork is None:
                 self._cork = data
                 self._wrote_in = HELD
+                _held.add(self)
                 _corked.append(self)
                 if len(_corked) == 1:
                     gevent.get_hub().loop.run_callback(_uncork_all)
@@ -528,6 +532,12 @@ class HardenedWebSocket(WebSocket):
         if self._cork is None and self._writer is None and self.close_code is None \
                 and not self.dead:
             self._wrote_in = -1
+            _held.discard(self)
+
+    def _hold(self):
+        """Frames for it must wait (corked or queued), or it is closing."""
+        self._wrote_in = HELD
+        _held.add(self)
 
     def _behind(self, cork, sent):
         """The peer is behind: queue the frames of ``cork`` past its first ``sent`` bytes
@@ -543,14 +553,14 @@ class HardenedWebSocket(WebSocket):
                 # (Once our close frame is given, it is the cork's last frame: all of it is
                 # queued, at most CORK_FRAMES frames, or the close frame would be lost.)
                 self._writer = gevent.spawn(self._drain)  # it writes the close frame
-                self._wrote_in = HELD
+                self._hold()
                 self._slow_consumer()
                 return
             outbox.append(memoryview(frame)[sent:] if sent else frame)
             self._queued += len(frame) - sent
             sent = 0
         self._writer = gevent.spawn(self._drain)
-        self._wrote_in = HELD
+        self._hold()
 
     def _drain(self):
         outbox = self._outbox
@@ -608,7 +618,7 @@ class HardenedWebSocket(WebSocket):
         ``receive``, and a peer that has not answered within ``wait`` seconds is dropped."""
         if self.close_code is None and not self.dead:
             self.close_code, self.close_reason = code, message or ""
-            self._wrote_in = HELD
+            self._hold()
             self._send_close(code, self.close_reason)
             # A peer that ignores our close frame (and, say, goes on flooding) must not keep
             # the connection: RFC 6455 7.1.1 lets the server drop it.
@@ -635,7 +645,10 @@ class HardenedWebSocket(WebSocket):
             except OSError:
                 pass
         self.dead = self.closed = True
-        self._wrote_in = HELD
+        self._hold()  # until _end: the hub may still count it a member meanwhile
+        # No descriptor number to write to at all, should a group still hold it: that
+        # number may soon be another connection's.
+        self._fd = -1
         if self._outbox is not None:
             self._outbox.clear()
             self._queued = 0
@@ -741,6 +754,7 @@ def _uncork_all():
                     ws._behind((cork,), sent)
                 elif ws.close_code is None:  # (_reopen inline: no writer, no cork, not dead)
                     ws._wrote_in = -1
+                    _held.discard(ws)
             else:
                 ws._uncork()
         except OSError:
@@ -748,6 +762,80 @@ def _uncork_all():
         except Exception:  # noqa: BLE001 - one socket's failure must not strand the others
             log.exception("writing to a connection failed")
             ws.abort()
+
+
+_held = set()  # sockets that may not be written at once: _wrote_in is HELD (see _hold)
+_fd_of = operator.attrgetter("_fd")
+
+
+class Group:
+    """Sockets that take the same frames: a room's members of one dialect, say.
+
+    ``send`` gives a frame to all of them but one. In a quiet turn of the loop, the sockets
+    nothing waits for are written at once by a loop in C (``map`` over ``os.write``), not a
+    Python call per socket: the interpreter's work per recipient was most of ours per
+    delivery. What the turn gives after that is held for its end, as in a busy turn, where
+    each socket takes the frame as ``send_frame_bytes`` would.
+    """
+
+    __slots__ = ("_members",)
+
+    def __init__(self):
+        self._members = set()
+
+    def __len__(self):
+        return len(self._members)
+
+    def add(self, ws):
+        self._members.add(ws)
+
+    def discard(self, ws):
+        self._members.discard(ws)
+
+    def send(self, data, skip=None):
+        global _loop_turn
+        members = self._members
+        if _loop_turn < 0 or not members:  # a busy turn: everything is held
+            for ws in tuple(members):
+                if ws is not skip:
+                    ws.send_frame_bytes(data)
+            return
+        if _held and not _held.isdisjoint(members):
+            targets = members - _held
+            for ws in tuple(members & _held):
+                if ws is not skip:
+                    ws.send_frame_bytes(data)  # after what waits for it
+        else:
+            targets = set(members)
+        targets.discard(skip)
+        _loop_turn = HOLD_ALL  # the rest of the turn is held: one more write per socket at most
+        sent = []  # (in the order of targets, a set of our own: unchanged until zip below)
+        writes = map(os.write, map(_fd_of, targets), repeat(data))
+        while True:
+            try:
+                sent.extend(writes)  # keeps the counts it has when a write raises
+                break
+            except BlockingIOError:
+                sent.append(0)
+            except OSError:
+                sent.append(-1)
+        size = len(data)
+        if sent.count(size) != len(sent):
+            for ws, n in zip(targets, sent):
+                if n != size:
+                    _wrote(ws, data, n)
+
+
+def _wrote(ws, data, sent):
+    """A write of ``data`` by Group.send took ``sent`` bytes of it, not all (-1: it failed)."""
+    try:
+        if sent < 0:
+            ws.abort()
+        else:
+            ws._behind((data,), sent)
+    except Exception:  # noqa: BLE001 - one socket's failure must not strand the others
+        log.exception("writing to a connection failed")
+        ws.abort()
 
 
 class _Unserved:

@@ -412,9 +412,11 @@ def test_a_gap_asks_json_members_to_reconnect_and_lifts_plain_floors(hub):
     j, _ = connect(hub)
     p, _ = connect(hub, PLAIN)
     assert p.pending == {"lobby": 1}  # ids up to 1 were in its answer
+    check_groups(hub)
     hub.deliver({"k": "gap", "room": "lobby"})
     assert (a.resyncs, j.resyncs, p.resyncs) == (1, 1, 0)
     assert p.pending == {}
+    check_groups(hub)
     clear(p)
     hub.deliver({"k": "msg", "message": {"type": "message", "room": "lobby", "id": 1, "ts": 1.0,
                                          "from": {"id": a.id, "nick": a.nick}, "text": "anew"}})
@@ -726,3 +728,74 @@ def test_messages_during_join_come_after_the_answer_exactly_once():
     rest = [o for o in got[1:] if o["type"] == "message"]
     assert [m["text"] for m in rest] == ["late"]
     assert all(o["type"] != "joined" for o in got[1:])
+    check_groups(hub)
+
+
+# -- the fan-out's groups -------------------------------------------------------------------
+
+def check_groups(hub):
+    """Each room's group of a dialect holds its members of that dialect for which nothing of
+    the room waits (no join being answered, no floor)."""
+    assert hub.groups.keys() == hub.local.keys()
+    for room, members in hub.local.items():
+        for dialect in (JSON, PLAIN):
+            want = {c.id for c in members.values() if c.dialect == dialect and room not in c.pending}
+            assert {c.id for c in hub.groups[room][dialect]._members} == want, (room, dialect)
+
+
+def test_a_member_waits_outside_its_group_until_its_floor_is_passed():
+    """A joiner whose answer held the room's history takes the next message once, from the
+    fan-out's per-member path, and the ones after it with its group."""
+    hub, _ = make_hub()
+    a, _ = connect(hub)
+    hub.say(a, "lobby", "one")
+    b, _ = connect(hub)
+    p, _ = connect(hub, PLAIN)
+    assert b.pending == {"lobby": 1} and p.pending == {"lobby": 1}
+    check_groups(hub)
+    clear(b, p)
+    hub.say(a, "lobby", "two")
+    assert [o["text"] for o in b.objs()] == ["two"]
+    assert p.texts() == ['Client %d says "two"' % a.id]
+    assert b.pending == {} and p.pending == {}
+    check_groups(hub)
+    hub.say(a, "lobby", "three")
+    assert [o["text"] for o in b.objs()] == ["three"]
+    assert p.texts() == ['Client %d says "three"' % a.id]
+
+
+def test_groups_follow_joins_leaves_and_ends():
+    hub, _ = make_hub(RacyBackplane)
+    a, _ = connect(hub)
+    b, _ = connect(hub)
+    p, _ = connect(hub, PLAIN)
+    check_groups(hub)
+    hub.join(a, "dev")
+    hub.say(a, "dev", "first")
+    check_groups(hub)
+    RacyBackplane.before, RacyBackplane.after = ("early",), ("late",)
+    RacyBackplane.speaker = a
+    hub.join(b, "dev")  # answered with a floor: "late" came meanwhile
+    check_groups(hub)
+    hub.join(b, "dev")  # again: its floor goes with the new answer
+    check_groups(hub)
+    clear(a, b)
+    hub.say(a, "dev", "to b")
+    assert [o["text"] for o in b.objs() if o["type"] == "message"] == ["to b"]
+    assert a.objs() == []  # the sender is skipped
+    check_groups(hub)
+    RacyBackplane.before, RacyBackplane.after = (), ("during",)
+    RacyBackplane.speaker = b
+    hub.join(a, "dev")  # again, while in its group: out of it until the answer is sent
+    got = a.objs()
+    assert got[0]["type"] == "joined"
+    assert [o["text"] for o in got if o["type"] == "message"] == ["during"]
+    check_groups(hub)
+    hub.leave(b, "dev")
+    check_groups(hub)
+    hub.unregister(a)
+    assert "dev" not in hub.groups
+    check_groups(hub)
+    hub.unregister(p)
+    hub.unregister(b)
+    assert hub.groups == {} and hub.local == {}

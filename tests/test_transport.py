@@ -541,6 +541,17 @@ def test_an_ended_connection_never_writes_to_its_descriptor_once_reused(held):
         assert ws.send_frame_bytes(frames.text_frame("held"))
     ws.abort()
     ws.sock.close()  # as a connection's end does
+    other, peer = pair_at(fd)
+    assert not ws.send_frame_bytes(frames.text_frame("late"))
+    gevent.sleep(0)
+    assert available(peer) == b""
+    for sock in (theirs, other, peer):
+        sock.close()
+
+
+def pair_at(fd):
+    """A new socket pair whose first socket has the descriptor number ``fd`` (just closed,
+    as a connection's end does), and its non-blocking peer."""
     gevent.sleep(0)  # (gevent closes the descriptor itself when the loop next runs)
     other, peer = socket.socketpair()  # a new connection takes the lowest free number
     if peer.fileno() == fd:
@@ -551,11 +562,120 @@ def test_an_ended_connection_never_writes_to_its_descriptor_once_reused(held):
         other = socket.socket(fileno=fd)
     assert other.fileno() == fd
     peer.setblocking(False)
-    assert not ws.send_frame_bytes(frames.text_frame("late"))
+    return other, peer
+
+
+# -- groups: one frame to many sockets ---------------------------------------------------
+
+def group_of(n, **policy):
+    """A Group of ``n`` sockets (see socket_pair), and their peers."""
+    pairs = [socket_pair(**policy) for _ in range(n)]
+    group = transport.Group()
+    for ws, _ in pairs:
+        group.add(ws)
+    return group, [ws for ws, _ in pairs], [theirs for _, theirs in pairs]
+
+
+def next_turn():
+    """Wait for the loop's next turn (gevent.sleep(0) may only run callbacks)."""
+    turn = transport._turns
+    while transport._turns == turn:
+        gevent.sleep(0.001)
+
+
+def end(sockets, peers):
+    for ws in sockets:
+        ws.abort()
+        transport._held.discard(ws)  # as the connection's end does
+    for sock in peers:
+        sock.close()
+
+
+def test_a_group_writes_every_socket_at_once_but_the_one_it_skips():
+    group, sockets, peers = group_of(3)
+    a, b = frames.text_frame("a"), frames.text_frame("b")
+    group.send(a, skip=sockets[1])
+    assert [available(p) for p in peers] == [a, b"", a]  # before this greenlet yields
+    group.send(b)  # later in the same turn: held for its end, with anything else
+    assert [available(p) for p in peers] == [b"", b"", b""]
+    gevent.sleep(0)
+    assert [available(p) for p in peers] == [b, b, b]
+    next_turn()
+    group.send(a)
+    assert [available(p) for p in peers] == [a, a, a]
+    end(sockets, peers)
+
+
+def test_a_group_holds_everything_in_a_busy_turn():
+    group, sockets, peers = group_of(2)
+    transport._reading(more=True)  # a read that brought several messages
+    group.send(frames.text_frame("a"))
+    group.send(frames.text_frame("b"))
+    assert [available(p) for p in peers] == [b"", b""]
+    gevent.sleep(0)
+    assert [available(p) for p in peers] == [frames.text_frame("a") + frames.text_frame("b")] * 2
+    end(sockets, peers)
+
+
+def test_a_group_keeps_each_sockets_order_when_frames_wait_for_it():
+    """A socket with frames held for it gets the group's frame after them, not at once."""
+    group, sockets, peers = group_of(2)
+    first, second, third = (frames.text_frame(t) for t in ("first", "second", "third"))
+    assert sockets[0].send_frame_bytes(first)  # at once
+    assert sockets[0].send_frame_bytes(second)  # held for the end of the turn
+    group.send(third)
+    assert [available(p) for p in peers] == [first, third]
+    gevent.sleep(0)
+    assert available(peers[0]) == second + third
+    end(sockets, peers)
+
+
+def test_a_group_queues_for_a_full_socket_and_drops_a_gone_one_without_stalling_others():
+    group, sockets, peers = group_of(3)
+    full, gone, fine = sockets
+    for sock in (full.sock, peers[0]):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peers[1].close()  # the peer went away: its next write fails
+    frames_sent = [frames.frame(frames.OP_BINARY, bytes([i]) * 3000) for i in range(20)]
+    got, got_fine = b"", b""
+    with gevent.Timeout(10):
+        for frame in frames_sent:  # a turn each: every one is a quiet turn's first
+            group.send(frame)
+            got_fine += available(peers[2])
+            next_turn()
+        assert full._writer is not None, "the full socket was not behind"
+        while len(got) < len(b"".join(frames_sent)):
+            got += available(peers[0])  # it reads at last: the writer sends what waits
+            gevent.sleep(0.001)
+    assert got == b"".join(frames_sent)  # all of it, in order
+    assert got_fine == b"".join(frames_sent)  # at once, whatever the others did
+    assert gone.dead
+    end(sockets, peers[0::2])
+
+
+def test_a_group_never_writes_the_descriptor_of_a_connection_that_ended():
+    """Should a group still hold an ended connection (its session's end failed before the
+    hub let it go, say), the descriptor number it had, now another's, is not written."""
+    gc.collect()
+    group, sockets, peers = group_of(2)
+    ended, fine = sockets
+
+    class Failing:
+        def ended(self):
+            raise RuntimeError("the session's end failed")
+
+    ended._session = Failing()
+    fd = ended.sock.fileno()
+    ended._end(flush=False)  # logs the failure; the socket goes all the same
+    other, peer = pair_at(fd)
+    group.send(frames.text_frame("late"))
     gevent.sleep(0)
     assert available(peer) == b""
-    for sock in (theirs, other, peer):
-        sock.close()
+    assert available(peers[1]) == frames.text_frame("late")
+    end(sockets, peers)
+    other.close()
+    peer.close()
 
 
 def test_a_slow_consumer_with_an_outbox_of_one_still_gets_its_close_frame():
