@@ -120,7 +120,10 @@ class Hub:
         if self.clients.pop(getattr(client, "id", None), None) is None:
             return
         for name in list(client.rooms):
-            self._exit(client, name)
+            try:
+                self._exit(client, name)
+            except Exception:  # noqa: BLE001 - it must still leave its other rooms
+                log.exception("connection %s leaving room %s failed", client.id, name)
         try:
             self.backplane.offline(client.id)
         except Unavailable:
@@ -325,7 +328,7 @@ class Hub:
         if not members:
             return
         groups = self.groups[room]
-        sender = self.clients.get(exclude_id)
+        sender = members.get(exclude_id)  # (a leaving client is no longer in self.clients)
         json_frame = plain_frame = None
         if message is not None and groups[JSON]:
             json_frame = frames.text_frame(protocol.encode(message))

@@ -776,6 +776,7 @@ def test_groups_follow_joins_leaves_and_ends():
     RacyBackplane.before, RacyBackplane.after = ("early",), ("late",)
     RacyBackplane.speaker = a
     hub.join(b, "dev")  # answered with a floor: "late" came meanwhile
+    assert b.pending["dev"].__class__ is int
     check_groups(hub)
     hub.join(b, "dev")  # again: its floor goes with the new answer
     check_groups(hub)
@@ -799,3 +800,50 @@ def test_groups_follow_joins_leaves_and_ends():
     hub.unregister(p)
     hub.unregister(b)
     assert hub.groups == {} and hub.local == {}
+
+
+class SpeakingOnExit(LocalBackplane):
+    """A LocalBackplane on which, while a client's leave of its first room is stored, a
+    message of the client's in its other room comes through (the Redis one may yield there)."""
+
+    def exit(self, room, member_id, nick=None):
+        size = super().exit(room, member_id, nick)
+        if member_id == 1 and not getattr(self, "spoke", False):
+            self.spoke = True
+            other = "dev" if room == "lobby" else "lobby"
+            self.post(other, {"id": member_id, "nick": nick}, "late", 3.0)
+        return size
+
+
+def test_a_leaving_client_is_not_sent_its_own_late_message():
+    hub, _ = make_hub(SpeakingOnExit)
+    a, _ = connect(hub)
+    b, _ = connect(hub)
+    hub.join(a, "dev")
+    hub.join(b, "dev")
+    clear(a, b)
+    hub.unregister(a)
+    assert [o for o in a.objs() if o["type"] == "message"] == []
+    assert [o["text"] for o in b.objs() if o["type"] == "message"] == ["late"]
+
+
+class FailingExit(LocalBackplane):
+    """A LocalBackplane whose store fails, unexpectedly, on one room's leave."""
+
+    def exit(self, room, member_id, nick=None):
+        if room == "dev":
+            raise RuntimeError("the store failed")
+        return super().exit(room, member_id, nick)
+
+
+def test_a_client_leaves_every_room_even_when_one_leave_fails(caplog):
+    hub, _ = make_hub(FailingExit)
+    a, _ = connect(hub)
+    b, _ = connect(hub)
+    for name in ("dev", "ops"):
+        hub.join(a, name)
+        hub.join(b, name)
+    hub.unregister(a)
+    assert all(a.id not in members for members in hub.local.values())
+    check_groups(hub)
+    assert "leaving room dev failed" in caplog.text
