@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import http.client
 import logging
-import operator
 import os
 import socket
 import struct
@@ -100,7 +99,7 @@ class HardenedWebSocket(WebSocket):
                  "close_code", "close_reason", "dead", "_turn", "_buf", "_drained", "_sock_recv",
                  "_queued", "_paused", "_unacked", "_swept", "_window", "_controls",
                  "_fd", "_watcher", "_session", "_registry", "_outbox", "_writer", "_cork",
-                 "_wrote_in")
+                 "_wrote_in", "_groups")
 
     def __init__(self, sock, peer, policy, subprotocol, registry, buffered=b""):
         # Not the library's constructor: it keeps the request (environ, handler, stream)
@@ -139,6 +138,7 @@ class HardenedWebSocket(WebSocket):
         # send_frame_bytes), or HELD while it may not be: frames wait (corked or in the
         # outbox) or it is closing. One comparison then tells whether a frame may go now.
         self._wrote_in = -1
+        self._groups = 0  # the Groups that hold it (and its descriptor number)
         _count_turns()
         try:
             # Frames are written whole (and held for the end of a busy turn), so Nagle's
@@ -273,7 +273,12 @@ class HardenedWebSocket(WebSocket):
             log.exception("ending the connection from %s failed", self.peer)
         finally:
             self.abort()
-            _held.discard(self)  # no longer in any group (the session has ended)
+            if self._groups:
+                # A group holds its descriptor number, soon another connection's: it stays
+                # held, so that no group ever writes that number.
+                log.error("a connection from %s ended in %d groups", self.peer, self._groups)
+            else:
+                _held.discard(self)
             self._registry.discard(self)
             self._watcher = self._session = None
             self.sock.close()
@@ -646,9 +651,7 @@ class HardenedWebSocket(WebSocket):
                 pass
         self.dead = self.closed = True
         self._hold()  # until _end: the hub may still count it a member meanwhile
-        # No descriptor number to write to at all, should a group still hold it: that
-        # number may soon be another connection's.
-        self._fd = -1
+        self._fd = -1  # no write at all from here on: the number may soon be another's
         if self._outbox is not None:
             self._outbox.clear()
             self._queued = 0
@@ -765,7 +768,6 @@ def _uncork_all():
 
 
 _held = set()  # sockets that may not be written at once: _wrote_in is HELD (see _hold)
-_fd_of = operator.attrgetter("_fd")
 
 
 class Group:
@@ -776,21 +778,28 @@ class Group:
     Python call per socket: the interpreter's work per recipient was most of ours per
     delivery. What the turn gives after that is held for its end, as in a busy turn, where
     each socket takes the frame as ``send_frame_bytes`` would.
+
+    It keeps each socket's descriptor number, read once when it is added. A socket that
+    ends while a group holds it stays in _held (see HardenedWebSocket._end), so a number that
+    may have become another connection's is never written.
     """
 
     __slots__ = ("_members",)
 
     def __init__(self):
-        self._members = set()
+        self._members = {}  # socket -> its descriptor number
 
     def __len__(self):
         return len(self._members)
 
     def add(self, ws):
-        self._members.add(ws)
+        if ws not in self._members:
+            self._members[ws] = ws._fd
+            ws._groups += 1
 
     def discard(self, ws):
-        self._members.discard(ws)
+        if self._members.pop(ws, None) is not None:
+            ws._groups -= 1
 
     def send(self, data, skip=None):
         global _loop_turn
@@ -800,30 +809,43 @@ class Group:
                 if ws is not skip:
                     ws.send_frame_bytes(data)
             return
-        if _held and not _held.isdisjoint(members):
-            targets = members - _held
-            for ws in tuple(members & _held):
-                if ws is not skip:
-                    ws.send_frame_bytes(data)  # after what waits for it
-        else:
-            targets = set(members)
-        targets.discard(skip)
         _loop_turn = HOLD_ALL  # the rest of the turn is held: one more write per socket at most
-        sent = []  # (in the order of targets, a set of our own: unchanged until zip below)
-        writes = map(os.write, map(_fd_of, targets), repeat(data))
-        while True:
+        if _held and not _held.isdisjoint(members):
+            targets = {}
+            for ws, fd in tuple(members.items()):
+                if ws in _held:
+                    if ws is not skip:
+                        ws.send_frame_bytes(data)  # after what waits for it
+                elif ws is not skip:
+                    targets[ws] = fd
+            _write_all(targets, data)
+        elif skip in members:  # the sender, usually: left out of the dict while it is written
+            fd = members.pop(skip)
             try:
-                sent.extend(writes)  # keeps the counts it has when a write raises
-                break
-            except BlockingIOError:
-                sent.append(0)
-            except OSError:
-                sent.append(-1)
-        size = len(data)
-        if sent.count(size) != len(sent):
-            for ws, n in zip(targets, sent):
-                if n != size:
-                    _wrote(ws, data, n)
+                _write_all(members, data)
+            finally:
+                members[skip] = fd
+        else:
+            _write_all(members, data)
+
+
+def _write_all(targets, data):
+    """Write ``data`` at once to each socket of ``targets`` ({socket: descriptor number})."""
+    sent = []
+    writes = map(os.write, targets.values(), repeat(data))
+    while True:
+        try:
+            sent.extend(writes)  # keeps the counts it has when a write raises
+            break
+        except BlockingIOError:
+            sent.append(0)
+        except OSError:
+            sent.append(-1)
+    size = len(data)
+    if sent.count(size) != len(sent):
+        for ws, n in zip(targets, sent):  # (a dict's keys and values come in one order)
+            if n != size:
+                _wrote(ws, data, n)
 
 
 def _wrote(ws, data, sent):

@@ -619,14 +619,14 @@ def test_a_group_holds_everything_in_a_busy_turn():
 
 def test_a_group_keeps_each_sockets_order_when_frames_wait_for_it():
     """A socket with frames held for it gets the group's frame after them, not at once."""
-    group, sockets, peers = group_of(2)
+    group, sockets, peers = group_of(3)
     first, second, third = (frames.text_frame(t) for t in ("first", "second", "third"))
     assert sockets[0].send_frame_bytes(first)  # at once
     assert sockets[0].send_frame_bytes(second)  # held for the end of the turn
-    group.send(third)
-    assert [available(p) for p in peers] == [first, third]
+    group.send(third, skip=sockets[2])
+    assert [available(p) for p in peers] == [first, third, b""]
     gevent.sleep(0)
-    assert available(peers[0]) == second + third
+    assert [available(p) for p in peers] == [second + third, b"", b""]
     end(sockets, peers)
 
 
@@ -677,6 +677,30 @@ def test_a_group_never_writes_the_descriptor_of_a_connection_that_ended():
     end(sockets, peers)
     other.close()
     peer.close()
+
+
+def test_a_connection_that_left_its_groups_is_forgotten_when_it_ends():
+    """The count of groups that hold a socket stays true through repeated adds and
+    discards; one that left them all is not kept in _held once it ends."""
+    ws, theirs = socket_pair()
+    one, two = transport.Group(), transport.Group()
+    one.add(ws)
+    one.add(ws)
+    two.add(ws)
+    two.discard(ws)
+    two.discard(ws)
+    assert ws._groups == 1
+    one.discard(ws)
+    assert ws._groups == 0
+
+    class Quiet:
+        def ended(self):
+            pass
+
+    ws._session = Quiet()
+    ws._end(flush=False)
+    assert ws not in transport._held
+    theirs.close()
 
 
 def test_a_slow_consumer_with_an_outbox_of_one_still_gets_its_close_frame():
