@@ -800,6 +800,8 @@ class Group:
     def discard(self, ws):
         if self._members.pop(ws, None) is not None:
             ws._groups -= 1
+            if not ws._groups and ws.dead and ws._session is None:
+                _held.discard(ws)  # it ended in a group (see _end): no group holds it now
 
     def send(self, data, skip=None):
         global _loop_turn
@@ -810,14 +812,14 @@ class Group:
                     ws.send_frame_bytes(data)
             return
         _loop_turn = HOLD_ALL  # the rest of the turn is held: one more write per socket at most
-        if _held and not _held.isdisjoint(members):
-            targets = {}
-            for ws, fd in tuple(members.items()):
-                if ws in _held:
-                    if ws is not skip:
-                        ws.send_frame_bytes(data)  # after what waits for it
-                elif ws is not skip:
-                    targets[ws] = fd
+        if _held and not members.keys().isdisjoint(_held):  # (walks the smaller of the two)
+            held = _held.intersection(members)
+            held.discard(skip)
+            targets = members.copy()
+            targets.pop(skip, None)
+            for ws in held:
+                del targets[ws]
+                ws.send_frame_bytes(data)  # after what waits for it
             _write_all(targets, data)
         elif skip in members:  # the sender, usually: left out of the dict while it is written
             fd = members.pop(skip)
@@ -843,7 +845,9 @@ def _write_all(targets, data):
             sent.append(-1)
     size = len(data)
     if sent.count(size) != len(sent):
-        for ws, n in zip(targets, sent):  # (a dict's keys and values come in one order)
+        # (A dict's keys come in the order of its values; listed first, in case a group
+        # changes while the failures are handled.)
+        for ws, n in zip(list(targets), sent):
             if n != size:
                 _wrote(ws, data, n)
 

@@ -674,6 +674,9 @@ def test_a_group_never_writes_the_descriptor_of_a_connection_that_ended():
     gevent.sleep(0)
     assert available(peer) == b""
     assert available(peers[1]) == frames.text_frame("late")
+    assert ended in transport._held  # for as long as a group holds it
+    group.discard(ended)
+    assert ended not in transport._held
     end(sockets, peers)
     other.close()
     peer.close()
