@@ -10,6 +10,18 @@ import time
 import websocket  # websocket-client
 
 
+def close_quietly(ws):
+    """Close a websocket-client connection at the end of a test, and its socket in any case:
+    once a close frame has been read, ``close()`` does nothing, and a socket left open keeps
+    the server waiting for its end (RFC 6455 7.1.1), up to its CLOSE_WAIT, when it stops."""
+    try:
+        ws.close(timeout=1)
+    except Exception:  # noqa: BLE001 - the test is over; the socket may be gone already
+        pass
+    finally:
+        ws.shutdown()
+
+
 class _Base:
     subprotocols = None
 
@@ -23,10 +35,7 @@ class _Base:
         self.ws = websocket.create_connection("ws://127.0.0.1:%d/ws" % port, **kw)
 
     def close(self):
-        try:
-            self.ws.close(timeout=1)
-        except Exception:  # noqa: BLE001 - the test is over; the socket may be gone already
-            pass
+        close_quietly(self.ws)
 
     def _recv_text(self, timeout):
         self.ws.settimeout(timeout)

@@ -11,17 +11,22 @@ from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.types import PublishOptions
 
 from chatserver import wamp
+from tests.clients import close_quietly
 from tests.wampclient import join, leave, run
 
 ROLES = {"roles": {"publisher": {}, "subscriber": {}, "caller": {}, "callee": {}}}
 
 
 class RawWamp:
-    """A WAMP peer spoken by hand, to send what a library never would."""
+    """A WAMP peer spoken by hand, to send what a library never would. Each is closed at the
+    end of its test (see close_raw_peers)."""
+
+    opened = []
 
     def __init__(self, port):
         self.ws = websocket.create_connection("ws://127.0.0.1:%d/ws" % port,
                                               subprotocols=["wamp.2.json"], timeout=5)
+        RawWamp.opened.append(self)
         assert self.ws.getsubprotocol() == "wamp.2.json"
 
     def send(self, msg):
@@ -43,6 +48,15 @@ class RawWamp:
             return opcode == websocket.ABNF.OPCODE_CLOSE
         except (websocket.WebSocketConnectionClosedException, ConnectionError):
             return True
+
+
+@pytest.fixture(autouse=True)
+def close_raw_peers(start_server):
+    """Close the test's RawWamp peers before its servers stop (this fixture's end comes
+    first, as it depends on start_server): one left open would hold the server's shutdown."""
+    yield
+    while RawWamp.opened:
+        close_quietly(RawWamp.opened.pop().ws)
 
 
 def future():
