@@ -382,7 +382,7 @@ def markdown(meta, summary, target_rows, servers):
              "Node %s. Medians of %d runs per server, min–max in brackets; servers interleaved. "
              "Headline: deliveries per server CPU-second (server CPU from `/proc`: schedstat of "
              "every thread, which agrees with `/proc/PID/stat` to its 10 ms ticks), the figure "
-             "that holds on a busy machine. \"load tool CPU\" near 100%% means the load tool, "
+             "that moves least on a busy machine. \"load tool CPU\" near 100%% means the load tool, "
              "not the server, set deliveries per second. How it runs and how to read it: "
              "[bench/README.md](../README.md)."
              % ((" " + meta["args"]) if meta["args"] else "", meta["date"], meta["machine"],
