@@ -40,14 +40,20 @@ SERVERS = {
                      [PY, os.path.join(BENCH, "peers", "gevent_relay.py"), "{port}"], {}),
 }
 
-# name: load-tool settings. "quick" replaces some of them for --quick.
+# name: load-tool settings. "quick" replaces some of them for --quick; "rounds" is how many
+# runs each server gets (ROUNDS if not given), unless --repeat says otherwise.
+ROUNDS = 3
 SCENARIOS = {
     "fanout-small": dict(clients=100, senders=10, messages=100, quick=dict(messages=30)),
     "fanout-large": dict(clients=1000, senders=5, messages=50, quick=dict(messages=20)),
     "chatty": dict(clients=50, senders=50, messages=100, quick=dict(messages=30)),
     # 15 s of sending per run: a p99 taken from five seconds moved with any hiccup of the
     # machine, and so did the CPU figure of a server that is idle most of the time.
-    "paced": dict(clients=100, senders=10, messages=300, rate=20, quick=dict(messages=40)),
+    # Five rounds: its figure is a p99, and one round's p99 moves with the machine's hiccups
+    # (a ten-round check put single rounds of one server from 3.7 to 11 ms); the median of
+    # five is moved by two such rounds, not one.
+    "paced": dict(clients=100, senders=10, messages=300, rate=20, rounds=5,
+                  quick=dict(messages=40)),
     "idle-1k": dict(mode="idle", clients=1000),
     "idle-5k": dict(mode="idle", clients=5000, quick=dict(clients=2000)),
     "idle-10k": dict(mode="idle", clients=10000, quick=dict(clients=3000)),
@@ -55,11 +61,49 @@ SCENARIOS = {
     # 12 MB for the slow client, enough to fill the kernel's buffers (~4 MB on loopback) and
     # then an outbox of OUTBOX_SIZE frames. The control run is the same without the slow
     # client. The slow client reads again once sending is over, to see how it was closed.
-    "slow-control": dict(clients=50, senders=10, messages=300, rate=50, size=4096),
-    "slow": dict(clients=50, senders=10, messages=300, rate=50, size=4096, slow=True),
+    # Each server's two runs of a round go back to back (see jobs), five rounds, as for paced.
+    "slow-control": dict(clients=50, senders=10, messages=300, rate=50, size=4096, rounds=5),
+    "slow": dict(clients=50, senders=10, messages=300, rate=50, size=4096, slow=True, rounds=5),
 }
+PAIRED = ("slow-control", "slow")  # a scenario and its control, compared run against run
 DEFAULT_SCENARIOS = list(SCENARIOS)
 HEADLINE = ("fanout-small", "fanout-large", "chatty", "paced")
+
+
+def load_settings(scenario, quick=False):
+    """What the load tool is given for ``scenario`` (the benchmark's own keys left out)."""
+    settings = {k: v for k, v in SCENARIOS[scenario].items() if k not in ("quick", "rounds")}
+    if quick:
+        settings.update(SCENARIOS[scenario].get("quick", {}))
+    return settings
+
+
+def rounds(scenario, repeat=None, quick=False):
+    """Runs per server of ``scenario``: ``repeat`` if given, 1 with --quick, else its own."""
+    if repeat is not None:
+        return repeat
+    return 1 if quick else SCENARIOS[scenario].get("rounds", ROUNDS)
+
+
+def jobs(scenarios, servers, rep, counts):
+    """The (scenario, server) runs of round ``rep``, in order.
+
+    The servers take turns (A B C D, then B C D A, ...), so that a noisy neighbour on the
+    machine hurts them alike. A scenario and its control (PAIRED) run back to back for each
+    server, the control first in even rounds and second in odd ones: their ratio is a
+    target, and runs minutes apart would add the machine's drift to it.
+    """
+    order = servers[rep % len(servers):] + servers[:rep % len(servers)]
+    paired = all(s in scenarios and counts[s] > rep for s in PAIRED)
+    for scenario in scenarios:
+        if counts[scenario] <= rep or (paired and scenario == PAIRED[0]):
+            continue
+        for server in order:
+            if paired and scenario == PAIRED[1]:
+                for s in (PAIRED if rep % 2 == 0 else PAIRED[::-1]):
+                    yield s, server
+            else:
+                yield scenario, server
 
 
 def log(msg):
@@ -170,9 +214,7 @@ PROFILE_SCALE = 10  # --profile: this many times the messages of a scenario with
 
 
 def run_one(server, scenario, quick, logdir, profile_dir=None):
-    settings = {k: v for k, v in SCENARIOS[scenario].items() if k != "quick"}
-    if quick:
-        settings.update(SCENARIOS[scenario].get("quick", {}))
+    settings = load_settings(scenario, quick)
     if profile_dir and not settings.get("rate") and settings.get("mode") != "idle":
         # chat.py relays a burst in well under a second: too few samples without more of it.
         settings["messages"] *= PROFILE_SCALE
@@ -210,7 +252,7 @@ def run_one(server, scenario, quick, logdir, profile_dir=None):
 
 def save_profile(raw, path, scenario):
     total, rows = top_frames(raw)
-    spec = {k: v for k, v in SCENARIOS[scenario].items() if k != "quick"}
+    spec = load_settings(scenario)
     if not spec.get("rate"):
         spec["messages"] *= PROFILE_SCALE
     lines = ["py-spy on chat.py during the sending phase of %s %s: %d samples at 500 Hz"
@@ -376,20 +418,37 @@ def fmt(st, kind):
     return "%s (%s–%s)" % (f(m), f(lo), f(hi))
 
 
+def span(counts):
+    """"3", or "3–5" for counts that differ."""
+    counts = sorted(set(counts))
+    return "%d" % counts[0] if len(counts) == 1 else "%d–%d" % (counts[0], counts[-1])
+
+
+def runs_text(meta):
+    """How many runs each scenario had, for the header: "3 runs (5 for paced, ...)"."""
+    counts = meta.get("rounds") or {s: meta["repeat"] for s in meta["scenarios"]}
+    usual = collections.Counter(counts.values()).most_common(1)[0][0]
+    text = "%d run%s" % (usual, "s" if usual > 1 else "")
+    other = ["%d for %s" % (n, ", ".join(s for s in counts if counts[s] == n))
+             for n in sorted(set(counts.values()) - {usual})]
+    return text + (" (%s)" % "; ".join(other) if other else "")
+
+
 def markdown(meta, summary, target_rows, servers):
     lines = ["# Benchmark results", "",
              "`bash bench/run%s` on %s: %s, %d cores (shared with other work), Python %s, "
-             "Node %s. Medians of %d runs per server, min–max in brackets; servers interleaved. "
+             "Node %s. Medians of %s per server, min–max in brackets; servers interleaved. "
              "Headline: deliveries per server CPU-second (server CPU from `/proc`: schedstat of "
              "every thread, which agrees with `/proc/PID/stat` to its 10 ms ticks), the figure "
              "that moves least on a busy machine. \"load tool CPU\" near 100%% means the load tool, "
              "not the server, set deliveries per second. How it runs and how to read it: "
              "[bench/README.md](../README.md)."
              % ((" " + meta["args"]) if meta["args"] else "", meta["date"], meta["machine"],
-                meta["cores"], meta["python"], meta["node"], meta["repeat"]), ""]
+                meta["cores"], meta["python"], meta["node"], runs_text(meta)), ""]
     for scenario in [s for s in SCENARIOS if s in summary]:
-        spec = {k: v for k, v in SCENARIOS[scenario].items() if k != "quick"}
-        lines += ["## %s" % scenario, "", "`%s`" % json.dumps(spec), ""]
+        runs = span(e["runs"] for e in summary[scenario].values())
+        lines += ["## %s" % scenario, "", "`%s`, %s run%s per server" % (
+            json.dumps(load_settings(scenario, meta.get("quick"))), runs, "" if runs == "1" else "s"), ""]
         by = summary[scenario]
         if scenario.startswith("idle"):
             lines += ["| server | opened | RSS MiB | KiB per connection |", "| --- | --- | --- | --- |"]
@@ -470,9 +529,9 @@ def chart(summary, servers, path):
     axes[1][0].axhline(16, color="red", linestyle="--", linewidth=1)
     bars(axes[1][1], ["slow-control", "slow"], "server_rss_max_mib", 1,
          "Peak server RSS with and without a slow consumer", "MiB")
-    fig.suptitle("Chat relay benchmark: medians of %d runs, error bars min–max "
-                 "(bench/results/results.md)" % max(e["runs"] for by in summary.values()
-                                                     for e in by.values()))
+    fig.suptitle("Chat relay benchmark: medians of %s runs, error bars min–max "
+                 "(bench/results/results.md)" % span(e["runs"] for by in summary.values()
+                                                      for e in by.values()))
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
                bbox_to_anchor=(0.5, 0.955), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
@@ -549,35 +608,34 @@ def main(argv=None):
             log("[profile] %s on chat" % scenario)
             run_one("chat", scenario, args.quick, logdir, args.out)
         return 0
-    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    if repeat < 1:
+    if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    counts = {s: rounds(s, args.repeat, args.quick) for s in scenarios}
     os.makedirs(args.out, exist_ok=True)
     logdir = tempfile.mkdtemp(prefix="chat-bench-")
     node = subprocess.run([NODE, "--version"], stdout=subprocess.PIPE, text=True).stdout.strip()
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "args": " ".join(sys.argv[1:] if argv is None else argv),
             "machine": platform.platform(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "node": node, "repeat": repeat,
+            "python": platform.python_version(), "node": node, "rounds": counts,
             "scenarios": scenarios, "servers": servers, "quick": args.quick, "logs": logdir}
-    log("bench: %d scenario(s) x %d server(s) x %d run(s); server logs in %s"
-        % (len(scenarios), len(servers), repeat, logdir))
+    total = sum(counts.values()) * len(servers)
+    log("bench: %d scenario(s) x %d server(s), %d runs; server logs in %s"
+        % (len(scenarios), len(servers), total, logdir))
     runs = []
     t0 = time.monotonic()
-    for rep in range(repeat):
-        order = servers[rep % len(servers):] + servers[:rep % len(servers)]
-        for scenario in scenarios:
-            for server in order:
-                log("[run %d/%d] %s on %s (%.0f s so far)" % (rep + 1, repeat, scenario, server,
-                                                            time.monotonic() - t0))
-                try:
-                    result = run_one(server, scenario, args.quick, logdir)
-                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-                    log("  failed: %s" % exc)
-                    result = {"server": server, "scenario": scenario, "error": str(exc)}
-                result["rep"] = rep
-                runs.append(result)
-                report(runs, meta, servers, args.out)  # partial results survive an interruption
+    for rep in range(max(counts.values())):
+        for scenario, server in jobs(scenarios, servers, rep, counts):
+            log("[run %d/%d, round %d] %s on %s (%.0f s so far)" % (
+                len(runs) + 1, total, rep + 1, scenario, server, time.monotonic() - t0))
+            try:
+                result = run_one(server, scenario, args.quick, logdir)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                log("  failed: %s" % exc)
+                result = {"server": server, "scenario": scenario, "error": str(exc)}
+            result["rep"] = rep
+            runs.append(result)
+            report(runs, meta, servers, args.out)  # partial results survive an interruption
     summary, target_rows = report(runs, meta, servers, args.out)
     if not args.no_chart:
         chart(summary, servers, os.path.join(args.out, "results.png"))
