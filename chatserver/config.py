@@ -122,8 +122,10 @@ SETTINGS = (
      "extra origins allowed to open /ws, comma-separated; '*' allows any. "
      "The page's own origin (matching Host) is always allowed"),
     ("MAX_MESSAGE_SIZE", "65536", _int(125, 64 * 1024 * 1024),
-     "largest WebSocket message in bytes; bigger ones are closed with 1009"),
-    ("HISTORY_SIZE", "100", _int(0, 100000), "messages kept per room for history and recovery"),
+     "largest WebSocket message in bytes, 125 to 67108864 (64 MiB); bigger ones are closed "
+     "with 1009"),
+    ("HISTORY_SIZE", "100", _int(0, 100000),
+     "messages kept per room for history and recovery, at most 100000"),
     ("HISTORY_BYTES", "67108864", _int(65536),
      "without Redis: memory all rooms' history may take together, in bytes (64 MiB); the "
      "rooms that hold the most lose their oldest messages first"),
@@ -132,7 +134,9 @@ SETTINGS = (
     ("MAX_CONNECTIONS", "10000", _int(1), "open WebSocket connections per process"),
     ("MAX_ROOMS", "50", _int(1), "rooms one connection may be in at once"),
     ("PING_INTERVAL", "25", _float(0.05), "seconds between the server's keepalive pings"),
-    ("PING_TIMEOUT", "60", _float(0.1), "seconds a peer may neither send (not even a pong) nor read before it is dropped"),
+    ("PING_TIMEOUT", "60", _float(0.1),
+     "seconds a peer may neither send (not even a pong) nor read before it is dropped; "
+     "longer than PING_INTERVAL"),
     ("OUTBOX_SIZE", "1024", _int(1), "frames queued for a slow client before it is closed with 1008"),
     ("PRESENCE_LIMIT", "1000", _int(0),
      "rooms bigger than this send no join/leave/nick notices and cap member lists"),
@@ -190,17 +194,26 @@ def load(argv=None, environ=None):
     """
     environ = os.environ if environ is None else environ
     flags = vars(parser().parse_args(argv if argv is not None else []))
-    values = {}
+    values, given = {}, set()
     for name, default, cast, _help in SETTINGS:
         raw = flags.get(name)
         if raw is None:
-            raw = environ.get(name, default)
+            raw = environ.get(name)
+        if raw is None:
+            raw = default
+        else:
+            given.add(name)
         try:
             values[name.lower()] = cast(raw)
         except ConfigError as exc:
             raise ConfigError("%s: %s" % (name, exc)) from None
     if values["ping_timeout"] <= values["ping_interval"]:
-        # Otherwise every peer would be dropped before its first ping could be answered.
-        raise ConfigError("PING_TIMEOUT: must be longer than PING_INTERVAL (%g s), got %g s"
-                          % (values["ping_interval"], values["ping_timeout"]))
+        # Otherwise every peer would be dropped before its first ping could be answered. The
+        # message names the setting that was given: a default is not the user's mistake.
+        if "PING_TIMEOUT" in given:
+            raise ConfigError("PING_TIMEOUT: must be longer than PING_INTERVAL (%g s), got %g s"
+                              % (values["ping_interval"], values["ping_timeout"]))
+        raise ConfigError("PING_INTERVAL: must be shorter than PING_TIMEOUT (%g s, its default; "
+                          "raise it too), got %g s" % (values["ping_timeout"],
+                                                        values["ping_interval"]))
     return Settings(**values)

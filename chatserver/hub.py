@@ -241,9 +241,10 @@ class Hub:
         """Change ``client``'s nick (already validated); returns the answer for it."""
         default = _DEFAULT_NICK.fullmatch(protocol.nick_skeleton(nick))
         if default and int(default.group(1)) != client.id:
-            # Another connection goes by that name until it picks one: no passing for it.
-            raise ProtocolError("bad_request", "%s is the name another connection has by default: "
-                                "choose another" % nick)
+            # Connection n goes by that name until it picks one, and the log still shows it
+            # under that name once it is gone: no passing for it, then or later.
+            raise ProtocolError("bad_request", "%s is another connection's default name, kept "
+                                "for it (connected, gone or yet to come): choose another" % nick)
         if nick == client.nick:
             return {"type": "nick", "id": client.id, "nick": nick}  # nothing to announce
         client.nick = nick

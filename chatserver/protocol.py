@@ -137,7 +137,7 @@ def _ref(obj):
             or _is_int(ref) and abs(ref) < 2 ** 53:
         return ref
     raise ProtocolError("bad_request", "ref must be a string of at most %d characters or an "
-                        "integer" % REF_MAX)
+                        "integer between -(2^53 - 1) and 2^53 - 1" % REF_MAX)
 
 
 def _room(obj, ref, default=None):

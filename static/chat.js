@@ -132,12 +132,19 @@ function logFor(key) {
     });
     list.hidden = key !== active;
     log = { list, nodes: new Map(), stuck: true };
+    let width = list.clientWidth, height = list.clientHeight;  // as the observer last saw it
     list.addEventListener("scroll", () => {
+      // A scroll the browser makes as the log changes size (clamping, scroll anchoring)
+      // comes before the observer below hears of the new size: it is not the reader's, and
+      // must not unstick the log.
+      if (list.clientWidth !== width || list.clientHeight !== height) return;
       log.stuck = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
     });
     // A log that shrinks (a phone turned sideways, the composer growing) keeps its scroll
     // position, which hides the newest lines: one that showed the end goes on showing it.
     new ResizeObserver(() => {
+      width = list.clientWidth;
+      height = list.clientHeight;
       if (log.stuck) scrollToEnd(log);
     }).observe(list);
     ui.logs.append(list);

@@ -351,3 +351,13 @@ def test_ping_timeout_must_exceed_the_interval(interval, timeout):
     """A PING_TIMEOUT not longer than PING_INTERVAL would drop every peer: start-up refuses it."""
     with pytest.raises(ConfigError, match="^PING_TIMEOUT: must be longer than PING_INTERVAL"):
         config.load([], environ={"PING_INTERVAL": interval, "PING_TIMEOUT": timeout})
+
+
+def test_a_ping_interval_past_the_default_timeout_names_itself():
+    """Set alone, a PING_INTERVAL not shorter than the default PING_TIMEOUT is the setting
+    named: the user never gave a PING_TIMEOUT."""
+    for source in ({"environ": {"PING_INTERVAL": "60"}}, {"argv": ["--ping-interval", "90"]}):
+        with pytest.raises(ConfigError) as info:
+            config.load(source.get("argv", []), environ=source.get("environ", {}))
+        assert str(info.value).startswith("PING_INTERVAL: must be shorter than PING_TIMEOUT (60 s")
+    assert config.load([], environ={"PING_INTERVAL": "60", "PING_TIMEOUT": "90"}).ping_timeout == 90

@@ -242,6 +242,19 @@ def test_a_nick_cannot_be_another_connections_default_name(server, clients):
                "Client Eastwood" for f in b.drain())
 
 
+def test_a_gone_connections_default_name_stays_its_own(server, clients):
+    """Once connection n has left, "Client <n>" is still refused, and the error says why."""
+    a, b = clients.json(server), clients.json(server)
+    gone = b.id
+    b.close()
+    a.wait("presence", event="leave")  # b left the lobby
+    a.send(type="nick", nick="Client %d" % gone, ref="n")
+    err = a.wait("error")
+    assert (err["code"], err["ref"]) == ("bad_request", "n")
+    assert err["message"].startswith("Client %d is another connection's default name, kept for "
+                                     "it (connected, gone or yet to come)" % gone)
+
+
 def test_a_null_room_is_the_lobby(server, clients):
     """Optional fields sent as null are absent: a message with room null goes to the lobby."""
     a, b = clients.json(server), clients.json(server)

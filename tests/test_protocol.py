@@ -227,8 +227,11 @@ def test_bad_epoch(epoch):
 
 @pytest.mark.parametrize("ref", ["x" * 129, {"id": 1}, [1], True, 1.5, 2 ** 53])
 def test_bad_ref(ref):
-    """ref must be a string of at most 64 characters or a (safe) integer."""
-    assert refused({"type": "ping", "ref": ref}).code == "bad_request"
+    """ref must be a string of at most 128 characters or a (safe) integer; the error says
+    which integers are safe."""
+    err = refused({"type": "ping", "ref": ref})
+    assert err.code == "bad_request"
+    assert "integer between -(2^53 - 1) and 2^53 - 1" in err.message
 
 
 def test_unknown_type():
