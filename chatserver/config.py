@@ -213,7 +213,7 @@ def load(argv=None, environ=None):
         if "PING_TIMEOUT" in given:
             raise ConfigError("PING_TIMEOUT: must be longer than PING_INTERVAL (%g s), got %g s"
                               % (values["ping_interval"], values["ping_timeout"]))
-        raise ConfigError("PING_INTERVAL: must be shorter than PING_TIMEOUT (%g s, its default; "
-                          "raise it too), got %g s" % (values["ping_timeout"],
+        raise ConfigError("PING_INTERVAL: must be shorter than PING_TIMEOUT (%g s, its default: "
+                          "set PING_TIMEOUT too), got %g s" % (values["ping_timeout"],
                                                         values["ping_interval"]))
     return Settings(**values)
