@@ -214,6 +214,6 @@ def load(argv=None, environ=None):
             raise ConfigError("PING_TIMEOUT: must be longer than PING_INTERVAL (%g s), got %g s"
                               % (values["ping_interval"], values["ping_timeout"]))
         raise ConfigError("PING_INTERVAL: must be shorter than PING_TIMEOUT (%g s, its default: "
-                          "set PING_TIMEOUT too), got %g s" % (values["ping_timeout"],
-                                                        values["ping_interval"]))
+                          "set PING_TIMEOUT too), got %g s"
+                          % (values["ping_timeout"], values["ping_interval"]))
     return Settings(**values)
