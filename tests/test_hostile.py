@@ -288,6 +288,9 @@ def test_thousand_connections_opened_and_dropped_leave_no_trace(start_server, cl
     watcher = Collector(clients.plain(server))
     _churn(server.port, 200)  # warm-up: what is made once, lazily, belongs in the baseline
     wait_until(lambda: health(server)["connections"] == 3, 10, "warm-up connections gone")
+    # The watcher's reader thread may lag: the warm-up's lines must all be in before the count.
+    wait_until(lambda: sum(l.endswith(" disconnected.") for l in list(watcher.lines)) == 200, 10,
+               "the lobby told of every warm-up departure")
     base_greenlets = health(server, verbose=True)["greenlets"]
     base_rss = rss_mb(server)
     before = len(watcher.lines)

@@ -474,6 +474,9 @@ def test_direct_messages(server, tabs):
 
     # Bea leaves: the next direct finds no one, and the conversation says it has ended.
     b.context.close()
+    # Her socket's end and A's next direct reach the server on two connections: the direct
+    # goes once the server has let her go (and told the lobby), or it could still reach her.
+    expect(log(a).get_by_test_id("notice").filter(has_text="Bea left")).to_have_count(1)
     say(a, "still there?")
     expect(dm_a.get_by_test_id("message").filter(has_text="still there?")).to_have_attribute(
         "data-status", "failed")
