@@ -90,6 +90,7 @@ export class Conversation {
     this.memberCount = 0;
     this.epoch = null; // the room's epoch as last seen
     this.lastId = 0; // the highest message id seen in that epoch: `since` on rejoin
+    this.asked = 0; // the `since` of the join whose answer is due (0: none, or from scratch)
     this.epochs = new Map(); // epoch -> ordinal, in the order we met them
     this.typing = new Map(); // id -> {nick, until}
     this.seq = 0; // tie-breaker for notices and direct messages
@@ -493,7 +494,10 @@ export class ChatClient extends EventTarget {
     }
     const since = { since: lobby.lastId, epoch: lobby.epoch };
     this.#applyState(lobby, msg, fresh ? msg.history : []);
-    if (!fresh) this.#send({ type: "join", room: LOBBY, ...since, ref: `join:${LOBBY}` });
+    if (!fresh) {
+      this.#send({ type: "join", room: LOBBY, ...since, ref: `join:${LOBBY}` });
+      lobby.asked = since.since;
+    }
     for (const conv of this.conversations.values()) {
       if (conv.kind === "room" && conv.key !== LOBBY && conv.state !== "left") this.#sendJoin(conv);
     }
@@ -507,6 +511,7 @@ export class ChatClient extends EventTarget {
     conv.state = "joining";
     const req = { type: "join", room: conv.key, ref: `join:${conv.key}` };
     if (conv.epoch !== null) Object.assign(req, { since: conv.lastId, epoch: conv.epoch });
+    conv.asked = req.since || 0;
     this.#send(req);
   }
 
@@ -524,11 +529,22 @@ export class ChatClient extends EventTarget {
     conv.members = new Map((Array.isArray(msg.members) ? msg.members : []).map((m) => [Number(m.id), who(m)]));
     conv.memberCount = Number(msg.member_count ?? conv.members.size);
     const initial = conv.epoch === null; // the room's backlog on first joining: not "unread"
+    // What we had seen before a join that the server could not fully answer: see below.
+    const seen = msg.type === "joined" && msg.recovered === false && msg.epoch === conv.epoch ? conv.asked : 0;
+    if (msg.type === "joined") conv.asked = 0;
     if (msg.epoch !== conv.epoch) this.#newEpoch(conv, String(msg.epoch));
     const added = [];
+    let next = Infinity; // the first id after what we had seen that this answer brings
     for (const m of Array.isArray(history) ? history : []) {
+      const id = Number(m.id);
+      if (id > seen && id < next) next = id;
       const entry = this.#merge(conv, m);
       if (entry) added.push(entry);
+    }
+    if (seen && next !== Infinity && next > seen + 1) {
+      // The server no longer held all we missed (its history is bounded): the log must
+      // not read as if the latest messages came straight after the ones we have.
+      this.#notice(conv, "Some messages were missed here: the server no longer had them.", [conv.ordinal(), seen, 1]);
     }
     this.#emit("entries", { key: conv.key, added, initial });
   }

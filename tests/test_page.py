@@ -539,6 +539,39 @@ def test_missed_messages_are_recovered_after_going_offline(server, tabs):
     assert log(b).get_by_test_id("notice").filter(has_text="starts again").count() == 0
 
 
+def test_a_gap_the_server_could_not_fill_is_marked(start_server, tabs):
+    """A tab away for longer than the server's history reaches back gets the latest
+    messages with a notice where the ones it missed would have been, not a seamless log."""
+    tabs.allow_socket_failures()
+    server = start_server(env={"HISTORY_SIZE": "3"})
+    a = tabs.open(server)
+    b = tabs.open(server)
+    say(a, "seen by both")
+    expect(message(b, "seen by both")).to_be_visible()
+
+    b.context.set_offline(True)
+    expect(status(b)).to_have_text("Reconnecting…")
+    for n in range(6):
+        say(a, "while B was away %d" % n)
+    expect(message(a, "while B was away 5")).to_have_attribute("data-status", "sent")
+    b.context.set_offline(False)
+    expect(status(b)).to_have_text("Connected", timeout=RECONNECT)
+
+    expect(message(b, "while B was away 5")).to_be_visible()
+    shown = log(b).locator(".msg-text, [data-testid=notice]")
+    expect(shown).to_have_text(["seen by both", re.compile("missed here"), "while B was away 3",
+                                "while B was away 4", "while B was away 5"])
+    # One that was away for less than the history holds gets no such notice.
+    a.context.set_offline(True)
+    expect(status(a)).to_have_text("Reconnecting…")
+    say(b, "while A was away")
+    expect(message(b, "while A was away")).to_have_attribute("data-status", "sent")
+    a.context.set_offline(False)
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    expect(message(a, "while A was away")).to_be_visible()
+    expect(log(a).get_by_test_id("notice").filter(has_text="missed")).to_have_count(0)
+
+
 def test_messages_typed_faster_than_the_rate_limit_keep_their_order(start_server, clients, tabs):
     """Messages sent faster than RATE_LIMIT all arrive, in the order they were typed, for
     the sender and for everyone else: one refused as rate_limited is not overtaken."""
