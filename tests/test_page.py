@@ -103,6 +103,18 @@ def say(page, text):
     box.press("Enter")
 
 
+def go_offline(page):
+    """Take the tab's network away; it says so."""
+    page.context.set_offline(True)
+    expect(status(page)).to_have_text("Reconnecting…")
+
+
+def come_back(page):
+    """Give the tab its network back; it reconnects by itself."""
+    page.context.set_offline(False)
+    expect(status(page)).to_have_text("Connected", timeout=RECONNECT)
+
+
 def members(page):
     return page.get_by_test_id("members")
 
@@ -183,13 +195,11 @@ def test_a_name_chosen_offline_is_confirmed_and_labels_what_was_typed_meanwhile(
     note = a.locator("#nick-note")
     set_nick(a, "Ada")
     expect(note).to_have_text("Saved: you are “Ada”.")
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     set_nick(a, "Ada Offline")
     expect(note).to_have_text("Saved: it will be used once connected.")
     say(a, "typed while offline")
-    a.context.set_offline(False)
-    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(a)
     expect(note).to_have_text("Saved: you are “Ada Offline”.")
     expect(message(b, "typed while offline").locator(".author")).to_have_text("Ada Offline")
     expect(message(a, "typed while offline").locator(".author")).to_have_text("Ada Offline")
@@ -228,8 +238,7 @@ def test_a_small_phone_shows_the_whole_status_during_an_outage(server, tabs):
     buttons beside them."""
     tabs.allow_socket_failures()
     a = tabs.open(server, viewport={"width": 320, "height": 568}, touch=True)
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     retry = a.locator("#retry")
     expect(retry).to_be_visible()
     text, button, members = (a.locator(s).bounding_box() for s in (
@@ -241,8 +250,7 @@ def test_a_small_phone_shows_the_whole_status_during_an_outage(server, tabs):
                         or box["y"] + box["height"] <= members["y"] or members["y"] + members["height"] <= box["y"])
         assert not overlaps, (box, members)
     retry.click()  # tappable: nothing lies over it
-    a.context.set_offline(False)
-    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(a)
 
 
 def test_drawers_on_a_phone_close_from_their_own_button(server, tabs):
@@ -322,8 +330,7 @@ def test_leaving_a_room_with_unsent_messages_asks_first(server, tabs):
     tabs.allow_socket_failures()
     a = tabs.open(server, path="/#drafts")
     expect(a.get_by_test_id("room-title")).to_have_text("#drafts")
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     say(a, "not sent 1")
     say(a, "not sent 2")
     asked = []
@@ -383,11 +390,9 @@ def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):
     a.wait_for_timeout(300)
     expect(a.locator("#nick-note")).not_to_contain_text("Not changed")
 
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     say(a, "typed by someone unnamed")
-    a.context.set_offline(False)
-    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(a)
     seen_by_b = message(b, "typed by someone unnamed").locator(".author")
     expect(seen_by_b).to_have_text(re.compile(r"Client \d+"))
     expect(message(a, "typed by someone unnamed")).to_have_attribute("data-status", "sent")
@@ -517,8 +522,7 @@ def test_missed_messages_are_recovered_after_going_offline(server, tabs):
     say(a, "before the outage")
     expect(message(b, "before the outage")).to_be_visible()
 
-    b.context.set_offline(True)
-    expect(status(b)).to_have_text("Reconnecting…")
+    go_offline(b)
     for n in range(3):
         say(a, "while B was away %d" % n)
     # All three stored before B's line can be: the order below is then the server's.
@@ -527,8 +531,7 @@ def test_missed_messages_are_recovered_after_going_offline(server, tabs):
     expect(message(b, "typed while offline")).to_have_attribute("data-status", "pending")
     expect(message(b, "typed while offline")).to_contain_text("waiting for the connection")
 
-    b.context.set_offline(False)
-    expect(status(b)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(b)
     expect(message(b, "typed while offline")).to_have_attribute("data-status", "sent")
     expect(message(a, "typed while offline")).to_have_count(1)
     expected = ["before the outage"] + ["while B was away %d" % n for n in range(3)] + ["typed while offline"]
@@ -549,25 +552,21 @@ def test_a_gap_the_server_could_not_fill_is_marked(start_server, tabs):
     say(a, "seen by both")
     expect(message(b, "seen by both")).to_be_visible()
 
-    b.context.set_offline(True)
-    expect(status(b)).to_have_text("Reconnecting…")
+    go_offline(b)
     for n in range(6):
         say(a, "while B was away %d" % n)
     expect(message(a, "while B was away 5")).to_have_attribute("data-status", "sent")
-    b.context.set_offline(False)
-    expect(status(b)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(b)
 
     expect(message(b, "while B was away 5")).to_be_visible()
     shown = log(b).locator(".msg-text, [data-testid=notice]")
     expect(shown).to_have_text(["seen by both", re.compile("missed here"), "while B was away 3",
                                 "while B was away 4", "while B was away 5"])
     # One that was away for less than the history holds gets no such notice.
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     say(b, "while A was away")
     expect(message(b, "while A was away")).to_have_attribute("data-status", "sent")
-    a.context.set_offline(False)
-    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(a)
     expect(message(a, "while A was away")).to_be_visible()
     expect(log(a).get_by_test_id("notice").filter(has_text="missed")).to_have_count(0)
 
@@ -645,11 +644,9 @@ def test_message_whose_ack_was_lost_is_resent_with_its_ref_and_not_duplicated(se
     ref = message(a, "exactly once please").get_attribute("data-ref")
     assert re.fullmatch(r"[0-9a-f]{32}", ref)
 
-    a.context.set_offline(True)
-    expect(status(a)).to_have_text("Reconnecting…")
+    go_offline(a)
     a.evaluate("window.dropAcks = false")
-    a.context.set_offline(False)
-    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    come_back(a)
     expect(message(a, "exactly once please")).to_have_attribute("data-status", "sent")
     say(a, "marker after the resend")
     expect(message(b, "marker after the resend")).to_be_visible()
