@@ -723,6 +723,7 @@ export class ChatClient extends EventTarget {
     if (!entry || entry.sentOn === null) return;
     this.pending.delete(entry.ref);
     if (entry.status === "pending") entry.status = "sent";
+    this.#flush(); // the next direct, if any
     this.#emit("entries", { key: entry.room, added: [] });
   }
 
@@ -754,6 +755,7 @@ export class ChatClient extends EventTarget {
       const conv = this.conversations.get(entry.room);
       if (code === "no_such_client" && conv && conv.kind === "direct") {
         this.#endDirect(conv, `${conv.peer.nick} is no longer connected`);
+        this.#flush(); // directs to others, if any
         return; // the entry failed with the others
       }
       this.#fail(entry, text);
@@ -805,13 +807,20 @@ export class ChatClient extends EventTarget {
 
   /** Send unconfirmed messages, oldest first (a direct only once: see #lost). Room messages
    * go one at a time, the next once the last is acked: the server stores them in the order
-   * it accepts them, and one refused as rate_limited must not be overtaken by the next. */
+   * it accepts them, and one refused as rate_limited must not be overtaken by the next.
+   * Directs do the same in a lane of their own, the next once the last is answered: else
+   * those typed offline would go all at once on reconnect, a flood the server closes. */
   #flush() {
     if (!this.connected) return;
     let inFlight = false;
+    let directInFlight = false;
     for (const entry of this.pending.values()) {
       if (entry.kind === "direct") {
-        if (entry.sentOn !== null || this.held.has(entry)) continue;
+        if (directInFlight) continue;
+        if (entry.sentOn !== null || this.held.has(entry)) {
+          directInFlight = true; // answered, or refused and to be sent again, before the next
+          continue;
+        }
         const conv = this.conversations.get(entry.room);
         const frame = { type: "direct", to: conv.peer.id, text: entry.text, ref: entry.ref };
         if (this.#tooBig(entry, frame)) continue;
@@ -820,6 +829,7 @@ export class ChatClient extends EventTarget {
         // unless an error with its ref came first. (The server has no ack for directs.)
         this.#send({ type: "ping", ref: `dm:${entry.ref}` });
         entry.sentOn = this.generation;
+        directInFlight = true;
         continue;
       }
       if (entry.kind !== "message") continue;

@@ -490,6 +490,29 @@ def test_direct_messages(server, tabs):
     expect(members(a).get_by_role("button")).to_have_count(0)
 
 
+def test_direct_messages_typed_offline_go_in_order_without_a_flood(server, tabs):
+    """Directs typed while the network was away go out one at a time once it is back: all
+    arrive, in the order typed, and more than the rate limit's burst is no flood."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    b = tabs.open(server)
+    set_nick(b, "Bea")
+    members(a).get_by_role("button", name=re.compile("Bea")).click()
+    expect(a.get_by_test_id("room-title")).to_have_text("Bea")
+    go_offline(a)
+    typed = ["dm %02d" % n for n in range(25)]  # 50 requests with their pings; RATE_BURST is 20
+    for text in typed:
+        say(a, text)
+    come_back(a)
+    dm_a = a.locator('[data-testid="messages"][data-key^="@"]')
+    for text in typed:
+        expect(dm_a.get_by_test_id("message").filter(has_text=text)).to_have_attribute(
+            "data-status", "sent", timeout=20000)
+    dm_b = b.locator('[data-testid="messages"][data-key^="@"]')
+    expect(dm_b.locator(".msg-text")).to_have_text(typed)
+    assert "flooding" not in server.log()
+
+
 def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
     """Markup from the network is text: nothing is parsed and no script runs; CSP is sent."""
     a = tabs.open(server)
