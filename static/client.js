@@ -169,6 +169,7 @@ export class ChatClient extends EventTarget {
     this.retryTimer = null;
     this.tickTimer = null;
     this.resendTimer = null;
+    this.quietUntil = 0; // no typing notices before then: the rate limit refused something
     this.held = new Set(); // messages refused as rate_limited, waiting for resendTimer
 
     this.#room(LOBBY);
@@ -242,7 +243,10 @@ export class ChatClient extends EventTarget {
 
   typing(key) {
     const conv = this.conversations.get(key);
-    if (conv && conv.kind === "room" && conv.state === "joined") this.#send({ type: "typing", room: key });
+    // Not while the rate limit refuses us: each refused request counts towards the server's
+    // flood limit, and a notice is not worth the connection.
+    if (this.now() < this.quietUntil) return;
+    if (conv && conv.kind === "room" && conv.state === "joined") this.#send({ type: "typing", room: key, ref: "typing" });
   }
 
   /** The open direct conversation with connection `member` ({id, nick}), made when needed
@@ -731,6 +735,8 @@ export class ChatClient extends EventTarget {
     const ref = typeof msg.ref === "string" ? msg.ref : null;
     const code = String(msg.code);
     const text = String(msg.message || code);
+    if (code === "rate_limited") this.quietUntil = this.now() + RATE_PAUSE_MS;
+    if (ref === "typing") return; // a notice lost is no loss, and not the user's doing
     if (ref && ref.startsWith("dm:")) {
       // Any answer to the ping after a direct, even a refusal, means the direct itself was
       // handled without an error (those come first, in order): it went through.
@@ -769,6 +775,18 @@ export class ChatClient extends EventTarget {
         // (The lobby's join after a reconnect is how it catches up: asked again too.)
         if (this.connected && (joining.state === "joining" || joining.key === LOBBY)) {
           this.#sendJoin(joining);
+        }
+      }, RATE_PAUSE_MS);
+      return;
+    }
+    const leaving = ref && ref.startsWith("leave:") ? ref.slice(6) : null;
+    if (code === "rate_limited" && leaving !== null) {
+      // The server keeps us in the room until a leave goes through: ask again after a pause,
+      // unless we joined it again meanwhile (a new connection is in no room it did not ask).
+      const generation = this.generation;
+      this.timers.setTimeout(() => {
+        if (this.connected && this.generation === generation && !this.conversations.has(leaving)) {
+          this.#send({ type: "leave", room: leaving, ref });
         }
       }, RATE_PAUSE_MS);
       return;
@@ -833,10 +851,10 @@ export class ChatClient extends EventTarget {
         continue;
       }
       if (entry.kind !== "message") continue;
-      // For a room still joining, the join is on the wire ahead of this message and the
-      // server answers requests in order.
+      // Not before the room is joined (#onJoined flushes): a join refused as rate_limited
+      // is asked again later, and this message would meet "not_in_room" meanwhile.
       const conv = this.conversations.get(entry.room);
-      if (!conv || conv.state === "left") continue;
+      if (!conv || conv.state !== "joined") continue;
       if (entry.sentOn === this.generation) inFlight = true;
       if (inFlight) continue;
       const frame = { type: "message", room: entry.room, text: entry.text, ref: entry.ref };

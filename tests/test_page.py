@@ -620,6 +620,25 @@ def test_messages_typed_faster_than_the_rate_limit_keep_their_order(start_server
     assert "flooding" not in server.log()
 
 
+def test_a_leave_refused_by_the_rate_limit_is_asked_again(start_server, clients, tabs):
+    """A tab that leaves a room right after a burst has its leave refused as rate_limited:
+    it asks again once the limit lets it, so the others see it go."""
+    server = start_server(env={"RATE_LIMIT": "0.5", "RATE_BURST": "8"})
+    watcher = clients.json(server)
+    watcher.send(type="join", room="dev")
+    watcher.wait("joined")
+    a = tabs.open(server, "/#dev")
+    arrival = watcher.wait("presence", room="dev", event="join")["member"]
+    for n in range(12):  # more than RATE_BURST: the last ones wait, and so does a leave now
+        say(a, "burst %d" % n)
+    expect(message(a, "burst 11", "dev")).to_have_attribute("data-status", "pending")
+    a.once("dialog", lambda dialog: dialog.accept())  # "... not sent yet will be dropped"
+    a.get_by_test_id("leave").click()
+    expect(a.get_by_test_id("room-title")).to_have_text("#lobby")
+    watcher.wait("presence", room="dev", event="leave", member=arrival, timeout=10)
+    assert "flooding" not in server.log()
+
+
 def test_a_server_that_cannot_take_connections_says_why(start_server, tabs):
     """While its Redis is unreachable the server refuses WebSockets with 1013 and a reason;
     the page says so once, not only "Reconnecting…", and keeps trying."""
