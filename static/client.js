@@ -90,7 +90,7 @@ export class Conversation {
     this.memberCount = 0;
     this.epoch = null; // the room's epoch as last seen
     this.lastId = 0; // the highest message id seen in that epoch: `since` on rejoin
-    this.asked = 0; // the `since` of the join whose answer is due (0: none, or from scratch)
+    this.asked = null; // {since, epoch} of this connection's catch-up join, until answered
     this.epochs = new Map(); // epoch -> ordinal, in the order we met them
     this.typing = new Map(); // id -> {nick, until}
     this.seq = 0; // tie-breaker for notices and direct messages
@@ -187,7 +187,20 @@ export class ChatClient extends EventTarget {
     this.#clearTimers();
     if (this.ws) this.#detach(this.ws).close(1000, "bye");
     this.ws = null;
+    this.#failSentDirects(); // (their answer cannot come now, and they hold up the next)
     this.#emit("status");
+  }
+
+  /** Directs have no idempotency key: one that went out on a socket now gone, unconfirmed,
+   * is not sent twice. */
+  #failSentDirects() {
+    for (const [ref, entry] of this.pending) {
+      if (entry.kind === "direct" && entry.sentOn !== null) {
+        this.pending.delete(ref);
+        entry.status = "failed";
+        entry.error = "the connection dropped before it was confirmed; it may not have arrived";
+      }
+    }
   }
 
   /** Skip the rest of the backoff wait (the network came back, the user asked). */
@@ -341,14 +354,7 @@ export class ChatClient extends EventTarget {
       conv.typing.clear();
       if (conv.kind === "room" && conv.state === "joined") conv.state = "joining";
     }
-    for (const [ref, entry] of this.pending) {
-      // Directs have no idempotency key: one that went out unconfirmed is not sent twice.
-      if (entry.kind === "direct" && entry.sentOn !== null) {
-        this.pending.delete(ref);
-        entry.status = "failed";
-        entry.error = "the connection dropped before it was confirmed; it may not have arrived";
-      }
-    }
+    this.#failSentDirects();
     this.attempt += 1;
     const wait = backoff(this.attempt, { ...this.retry, random: this.random });
     this.state = "waiting";
@@ -498,9 +504,10 @@ export class ChatClient extends EventTarget {
     }
     const since = { since: lobby.lastId, epoch: lobby.epoch };
     this.#applyState(lobby, msg, fresh ? msg.history : []);
+    for (const conv of this.conversations.values()) conv.asked = null; // a new connection's
     if (!fresh) {
+      lobby.asked = since;
       this.#send({ type: "join", room: LOBBY, ...since, ref: `join:${LOBBY}` });
-      lobby.asked = since.since;
     }
     for (const conv of this.conversations.values()) {
       if (conv.kind === "room" && conv.key !== LOBBY && conv.state !== "left") this.#sendJoin(conv);
@@ -514,8 +521,10 @@ export class ChatClient extends EventTarget {
   #sendJoin(conv) {
     conv.state = "joining";
     const req = { type: "join", room: conv.key, ref: `join:${conv.key}` };
-    if (conv.epoch !== null) Object.assign(req, { since: conv.lastId, epoch: conv.epoch });
-    conv.asked = req.since || 0;
+    // A catch-up refused (rate_limited) is asked again from where it started: live messages
+    // since then have raised lastId past what it was to bring.
+    if (conv.epoch !== null) conv.asked = conv.asked || { since: conv.lastId, epoch: conv.epoch };
+    if (conv.asked) Object.assign(req, conv.asked);
     this.#send(req);
   }
 
@@ -533,19 +542,20 @@ export class ChatClient extends EventTarget {
     conv.members = new Map((Array.isArray(msg.members) ? msg.members : []).map((m) => [Number(m.id), who(m)]));
     conv.memberCount = Number(msg.member_count ?? conv.members.size);
     const initial = conv.epoch === null; // the room's backlog on first joining: not "unread"
-    // What we had seen before a join that the server could not fully answer: see below.
-    const seen = msg.type === "joined" && msg.recovered === false && msg.epoch === conv.epoch ? conv.asked : 0;
-    if (msg.type === "joined") conv.asked = 0;
+    // What we had seen before a catch-up the server could not fully answer (same epoch).
+    const asked = msg.type === "joined" ? conv.asked : null;
+    if (msg.type === "joined") conv.asked = null;
+    const seen = asked && msg.recovered === false && msg.epoch === asked.epoch ? asked.since : null;
     if (msg.epoch !== conv.epoch) this.#newEpoch(conv, String(msg.epoch));
     const added = [];
     let next = Infinity; // the first id after what we had seen that this answer brings
     for (const m of Array.isArray(history) ? history : []) {
       const id = Number(m.id);
-      if (id > seen && id < next) next = id;
+      if (seen !== null && id > seen && id < next) next = id;
       const entry = this.#merge(conv, m);
       if (entry) added.push(entry);
     }
-    if (seen && next !== Infinity && next > seen + 1) {
+    if (seen !== null && next !== Infinity && next > seen + 1) {
       // The server no longer held all we missed (its history is bounded): the log must
       // not read as if the latest messages came straight after the ones we have.
       this.#notice(conv, "Some messages were missed here: the server no longer had them.", [conv.ordinal(), seen, 1]);

@@ -824,7 +824,9 @@ def test_protocol_client_on_its_own(server, browser):
     """client.js without the page: backoff with jitter, the URL, resend with the same ref,
     recovery with since/epoch, dedupe across a server restart, dead-socket detection, a
     message refused as over the rate limit sent again after a pause, and direct messages:
-    held while offline, never sent twice, ended when the peer is gone or the server restarts."""
+    held while offline, never sent twice, ended when the peer is gone or the server restarts,
+    one at a time; a gap a catch-up could not fill is marked; while rate limited, no typing
+    notices, a refused leave or catch-up asked again, messages held for their room's join."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -863,3 +865,9 @@ def test_protocol_client_on_its_own(server, browser):
     assert d["incomingAfterRestart"] == [True, "Dee", 2]
     assert d["rateLimited"] == ["pending", 1, 2, "sent", 0]
     assert out["tooBig"] == ["failed", "too long for this server", ["after it"]]
+    assert out["gap"] == {"joins": [[2, "g1"], [2, "g1"]],
+                          "shown": ["one", "two", "--Some messages", "seven", "eight", "nine"],
+                          "afterRestart": ["--The server's", "twenty"]}
+    assert out["limited"] == {"typing": [1, 1, 2], "messageBeforeJoined": 0,
+                              "messageAfterJoined": ["typed while joining"], "leaves": [2, 1]}
+    assert out["lane"] == [["d one"], ["d one", "d two"], "sent", "failed", 0]

@@ -163,5 +163,76 @@ async () => {
   b2.deliver(welcome(2, "e1", []));
   out.tooBig = [huge.status, huge.error, b2.sent.filter((f) => f.type === "message").map((f) => f.text)];
   big.stop();
+  // Catching up: a gap the server could not fill is marked where it is (after the `since`
+  // asked, in the epoch asked), and not across a restart's new epoch; a catch-up refused as
+  // too fast is asked again from the same point, whatever came live meanwhile.
+  const gap = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  const joined = (room, epoch, history) => ({ type: "joined", room, members: [], member_count: 1, epoch,
+                                              recovered: false, history });
+  const notes = () => gap.conversations.get("lobby").entries.map(
+    (e) => (e.kind === "notice" ? "--" + e.text.split(" ").slice(0, 2).join(" ") : e.text));
+  gap.start();
+  let g = sockets.at(-1);
+  g.deliver(welcome(1, "g1", [msg(1, "one"), msg(2, "two")]));
+  g.drop();
+  await until(() => sockets.at(-1) !== g);
+  g = sockets.at(-1);
+  g.deliver(welcome(2, "g1", []));
+  g.deliver(msg(9, "nine"));  // live, before the catch-up is answered
+  g.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "join:lobby" });
+  const catchUps = () => g.sent.filter((f) => f.type === "join").map((f) => [f.since, f.epoch]);
+  for (let i = 0; i < 60 && catchUps().length < 2; i++) await wait(50);
+  out.gap = { joins: catchUps() };
+  g.deliver(joined("lobby", "g1", [msg(7, "seven"), msg(8, "eight"), msg(9, "nine")]));
+  out.gap.shown = notes();
+  g.drop();
+  await until(() => sockets.at(-1) !== g);
+  g = sockets.at(-1);
+  g.deliver(welcome(3, "g2", []));  // restarted: ids from 1 again, 1-19 gone already
+  g.deliver(joined("lobby", "g2", [msg(20, "twenty")]));
+  out.gap.afterRestart = notes().slice(notes().indexOf("nine") + 1);
+  gap.stop();
+
+  // While the rate limit refuses us: no typing notices; a refused leave is asked again
+  // after the pause (not once the room is joined again); and a message for a room still
+  // joining waits for its join (one refused as too fast is asked again later).
+  const [lim, l1] = welcomed("l1");
+  const count = (type, room) => l1.sent.filter((f) => f.type === type && (!room || f.room === room)).length;
+  lim.typing("lobby");
+  const typing = [count("typing")];
+  for (const room of ["dev", "attic"]) {
+    lim.join(room);
+    l1.deliver(joined(room, "x", []));
+    lim.leave(room);
+    l1.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "leave:" + room });
+  }
+  lim.join("attic");  // again, before the pause is over
+  lim.typing("lobby");
+  typing.push(count("typing"));
+  out.limited = { typing };
+  lim.join("kitchen");
+  l1.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "join:kitchen" });
+  lim.send("kitchen", "typed while joining");
+  out.limited.messageBeforeJoined = count("message");
+  for (let i = 0; i < 60 && count("join", "kitchen") < 2; i++) await wait(50);
+  l1.deliver(joined("kitchen", "k", []));
+  out.limited.messageAfterJoined = l1.sent.filter((f) => f.type === "message").map((f) => f.text);
+  out.limited.leaves = [count("leave", "dev"), count("leave", "attic")];
+  lim.typing("lobby");
+  out.limited.typing.push(count("typing"));
+  lim.stop();
+
+  // Directs go one at a time: the next once the last is answered. Stopped, one unanswered
+  // fails (as when the connection drops): it can no longer be answered.
+  const [lane, d1] = welcomed("dl");
+  const fay = lane.direct({ id: 8, nick: "Fay" });
+  const one = lane.send(fay.key, "d one");
+  const two = lane.send(fay.key, "d two");
+  const directTexts = () => d1.sent.filter((f) => f.type === "direct").map((f) => f.text);
+  out.lane = [directTexts()];
+  d1.deliver({ type: "pong", ref: "dm:" + one.ref });
+  out.lane.push(directTexts(), one.status);
+  lane.stop();
+  out.lane.push(two.status, lane.pending.size);
   return out;
 }
