@@ -89,7 +89,11 @@ export class Conversation {
     this.members = new Map(); // id -> {id, nick}
     this.memberCount = 0;
     this.epoch = null; // the room's epoch as last seen
-    this.lastId = 0; // the highest message id seen in that epoch: `since` on rejoin
+    this.lastId = 0; // the highest message id known in that epoch (acks too): notices go after it
+    // The highest id received (live or in history) in that epoch: `since` on rejoin. Not an
+    // ack's: with several server processes, another's message may reach us after our ack
+    // for a later one, and a rejoin from the ack's id would skip it.
+    this.heard = 0;
     this.asked = null; // {since, epoch} of this connection's catch-up join, until answered
     this.epochs = new Map(); // epoch -> ordinal, in the order we met them
     this.typing = new Map(); // id -> {nick, until}
@@ -502,7 +506,7 @@ export class ChatClient extends EventTarget {
         this.#endDirect(conv, "the server restarted, and ids now name other people");
       }
     }
-    const since = { since: lobby.lastId, epoch: lobby.epoch };
+    const since = { since: lobby.heard, epoch: lobby.epoch };
     this.#applyState(lobby, msg, fresh ? msg.history : []);
     for (const conv of this.conversations.values()) conv.asked = null; // a new connection's
     if (!fresh) {
@@ -522,8 +526,8 @@ export class ChatClient extends EventTarget {
     conv.state = "joining";
     const req = { type: "join", room: conv.key, ref: `join:${conv.key}` };
     // A catch-up refused (rate_limited) is asked again from where it started: live messages
-    // since then have raised lastId past what it was to bring.
-    if (conv.epoch !== null) conv.asked = conv.asked || { since: conv.lastId, epoch: conv.epoch };
+    // since then have raised `heard` past what it was to bring.
+    if (conv.epoch !== null) conv.asked = conv.asked || { since: conv.heard, epoch: conv.epoch };
     if (conv.asked) Object.assign(req, conv.asked);
     this.#send(req);
   }
@@ -568,7 +572,7 @@ export class ChatClient extends EventTarget {
   #newEpoch(conv, epoch) {
     const hadHistory = conv.entries.some((e) => e.kind === "message" && e.status === "sent");
     conv.epoch = epoch;
-    conv.lastId = 0;
+    conv.lastId = conv.heard = 0;
     if (!conv.epochs.has(epoch)) conv.epochs.set(epoch, conv.epochs.size);
     if (hadHistory) {
       this.#notice(conv, "The server's history starts again here; earlier messages are kept above.", [conv.ordinal(), 0, 0.5]);
@@ -580,8 +584,10 @@ export class ChatClient extends EventTarget {
    * Returns the new entry, or null. */
   #merge(conv, m) {
     const id = Number(m.id);
+    if (!Number.isFinite(id)) return null;
+    conv.heard = Math.max(conv.heard, id);
     const idKey = `m:${conv.epoch}:${id}`;
-    if (!Number.isFinite(id) || conv.index.has(idKey)) return null;
+    if (conv.index.has(idKey)) return null;
     conv.lastId = Math.max(conv.lastId, id);
     const ref = typeof m.ref === "string" ? m.ref : null;
     const same = ref && conv.index.get(`r:${ref}`);

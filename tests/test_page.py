@@ -825,8 +825,9 @@ def test_protocol_client_on_its_own(server, browser):
     recovery with since/epoch, dedupe across a server restart, dead-socket detection, a
     message refused as over the rate limit sent again after a pause, and direct messages:
     held while offline, never sent twice, ended when the peer is gone or the server restarts,
-    one at a time; a gap a catch-up could not fill is marked; while rate limited, no typing
-    notices, a refused leave or catch-up asked again, messages held for their room's join."""
+    one at a time; a gap a catch-up could not fill is marked; an ack does not move `since`;
+    while rate limited, no typing notices, a refused leave or catch-up asked again, and
+    messages held for their room's join."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -868,6 +869,7 @@ def test_protocol_client_on_its_own(server, browser):
     assert out["gap"] == {"joins": [[2, "g1"], [2, "g1"]],
                           "shown": ["one", "two", "--Some messages", "seven", "eight", "nine"],
                           "afterRestart": ["--The server's", "twenty"]}
+    assert out["acked"] == [1, ["one", "two", "mine"]]
     assert out["limited"] == {"typing": [1, 1, 2], "messageBeforeJoined": 0,
                               "messageAfterJoined": ["typed while joining"], "leaves": [2, 1]}
     assert out["lane"] == [["d one"], ["d one", "d two"], "sent", "failed", 0]

@@ -193,6 +193,23 @@ async () => {
   out.gap.afterRestart = notes().slice(notes().indexOf("nine") + 1);
   gap.stop();
 
+  // An ack does not move `since`: message 2 (from another server process, say) had not
+  // reached us when our message was acked as 3, and the connection then dropped.
+  const acked = new m.ChatClient({ url: "ws://x/ws", WebSocket: FakeSocket, retry: { base: 10, cap: 40 } });
+  acked.start();
+  let h = sockets.at(-1);
+  h.deliver(welcome(1, "h1", [msg(1, "one")]));
+  const mine = acked.send("lobby", "mine");
+  h.deliver({ type: "ack", ref: mine.ref, room: "lobby", id: 3, ts: 1700000003 });
+  h.drop();
+  await until(() => sockets.at(-1) !== h);
+  h = sockets.at(-1);
+  h.deliver(welcome(2, "h1", []));
+  const ackJoin = h.sent.find((f) => f.type === "join");
+  h.deliver({ ...joined("lobby", "h1", [msg(2, "two"), msg(3, "mine", mine.ref)]), recovered: true });
+  out.acked = [ackJoin.since, acked.conversations.get("lobby").entries.map((e) => e.text)];
+  acked.stop();
+
   // While the rate limit refuses us: no typing notices; a refused leave is asked again
   // after the pause (not once the room is joined again); and a message for a room still
   // joining waits for its join (one refused as too fast is asked again later).
