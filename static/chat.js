@@ -514,6 +514,14 @@ client.addEventListener("self", () => {
 });
 
 client.addEventListener("rooms", () => {
+  // A conversation let go (left, or a rejoin refused) takes its log and unread count along.
+  for (const [key, log] of logs) {
+    if (!client.conversations.has(key)) {
+      log.list.remove();
+      logs.delete(key);
+    }
+  }
+  for (const key of unread.keys()) if (!client.conversations.has(key)) unread.delete(key);
   if (!client.conversations.has(active)) activate(LOBBY);
   renderRooms();
 });
@@ -639,9 +647,6 @@ ui.leave.addEventListener("click", () => {
   if (unsent && !window.confirm(`${what} to ${label(conv)} not sent yet will be dropped. Leave anyway?`)) return;
   if (conv.kind === "room") client.leave(conv.key);
   else client.closeDirect(conv.key);
-  logs.get(conv.key)?.list.remove();
-  logs.delete(conv.key);
-  unread.delete(conv.key);
   activate(LOBBY, { focus: true });
 });
 

@@ -90,9 +90,9 @@ export class Conversation {
     this.memberCount = 0;
     this.epoch = null; // the room's epoch as last seen
     this.lastId = 0; // the highest message id known in that epoch (acks too): notices go after it
-    // The highest id received (live or in history) in that epoch: `since` on rejoin. Not an
-    // ack's: with several server processes, another's message may reach us after our ack
-    // for a later one, and a rejoin from the ack's id would skip it.
+    // The highest id received (live or in history) in that epoch: `since` on rejoin. An
+    // ack's only when it follows it: with several server processes, another's message may
+    // reach us after our ack for a later one, and a rejoin from the ack's id would skip it.
     this.heard = 0;
     this.asked = null; // {since, epoch} of this connection's catch-up join, until answered
     this.epochs = new Map(); // epoch -> ordinal, in the order we met them
@@ -622,6 +622,7 @@ export class ChatClient extends EventTarget {
     entry.sort = [conv.ordinal(), id, 0];
     conv.index.set(`m:${conv.epoch}:${id}`, entry);
     conv.lastId = Math.max(conv.lastId, id);
+    if (id === conv.heard + 1) conv.heard = id; // (nothing can be missing before it: see heard)
     conv.place(entry);
     this.pending.delete(entry.ref);
     this.#savePending();
@@ -785,11 +786,15 @@ export class ChatClient extends EventTarget {
       return;
     }
     const joining = ref && ref.startsWith("join:") ? this.conversations.get(ref.slice(5)) : null;
-    if (code === "rate_limited" && joining) {
-      // Joins asked too fast (a reconnect with many rooms): ask again after a pause.
+    // Joins asked too fast (a reconnect with many rooms), or a rejoin of a room we were in
+    // while the server's store is unreachable: ask again after a pause, keeping the room
+    // and what waits to be sent to it.
+    if (joining && (code === "rate_limited" || (code === "unavailable" && joining.epoch !== null))) {
+      const generation = this.generation; // (a new connection asks for itself)
       this.timers.setTimeout(() => {
         // (The lobby's join after a reconnect is how it catches up: asked again too.)
-        if (this.connected && (joining.state === "joining" || joining.key === LOBBY)) {
+        if (this.connected && this.generation === generation &&
+            (joining.state === "joining" || joining.key === LOBBY)) {
           this.#sendJoin(joining);
         }
       }, RATE_PAUSE_MS);

@@ -513,6 +513,32 @@ def test_direct_messages_typed_offline_go_in_order_without_a_flood(server, tabs)
     assert "flooding" not in server.log()
 
 
+def test_a_room_the_server_no_longer_takes_goes_with_its_unread_count(start_server, tabs):
+    """Restarted with a lower MAX_ROOMS, the server refuses one room's rejoin: that room's
+    link, log and unread count go with it, and the page says why."""
+    tabs.allow_socket_failures()
+    first = start_server(env={"MAX_ROOMS": "3"})  # the lobby and two more
+    a = tabs.open(first, "/#one")
+    a.get_by_label("Join or create a room").fill("two")
+    a.get_by_label("Join or create a room").press("Enter")
+    expect(a.get_by_test_id("room-title")).to_have_text("#two")
+    b = tabs.open(first, "/#two")
+    expect(members(a).locator("li")).to_have_count(2)
+    a.get_by_test_id("rooms").get_by_role("link", name="lobby").click()
+    say(b, "for the unread count")
+    two = a.get_by_test_id("rooms").get_by_role("link", name=re.compile("two"))
+    expect(two.get_by_test_id("unread")).to_contain_text("1")
+    expect(a).to_have_title(re.compile(r"^\(1\) "))
+
+    first.stop()
+    start_server(env={"MAX_ROOMS": "2", "PORT": str(first.port)})
+    expect(status(a)).to_have_text("Connected", timeout=RECONNECT)
+    expect(a.locator("#toast")).to_contain_text("at most 2 rooms")
+    expect(a.get_by_test_id("rooms").get_by_role("link")).to_have_count(2)  # the lobby, #one
+    expect(a).to_have_title("#lobby · Chat")
+    expect(log(a, "two")).to_have_count(0)
+
+
 def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
     """Markup from the network is text: nothing is parsed and no script runs; CSP is sent."""
     a = tabs.open(server)
@@ -827,7 +853,7 @@ def test_protocol_client_on_its_own(server, browser):
     held while offline, never sent twice, ended when the peer is gone or the server restarts,
     one at a time; a gap a catch-up could not fill is marked; an ack does not move `since`;
     while rate limited, no typing notices, a refused leave or catch-up asked again, and
-    messages held for their room's join."""
+    messages held for their room's join; a rejoin refused as unavailable asked again."""
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -870,6 +896,7 @@ def test_protocol_client_on_its_own(server, browser):
                           "shown": ["one", "two", "--Some messages", "seven", "eight", "nine"],
                           "afterRestart": ["--The server's", "twenty"]}
     assert out["acked"] == [1, ["one", "two", "mine"]]
+    assert out["unavailable"] == [[4, 4], True, False, "pending", 0, ["typed while away"]]
     assert out["limited"] == {"typing": [1, 1, 2], "messageBeforeJoined": 0,
                               "messageAfterJoined": ["typed while joining"], "leaves": [2, 1]}
     assert out["lane"] == [["d one"], ["d one", "d two"], "sent", "failed", 0]

@@ -210,6 +210,29 @@ async () => {
   out.acked = [ackJoin.since, acked.conversations.get("lobby").entries.map((e) => e.text)];
   acked.stop();
 
+  // A rejoin refused because the server's store is unreachable keeps the room and what
+  // waits for it, and is asked again after a pause; a first join so refused is let go.
+  const [kept, k1] = welcomed("s1");
+  kept.join("dev");
+  k1.deliver(joined("dev", "x", [msg(4, "four")]));
+  k1.drop();
+  const waitingForDev = kept.send("dev", "typed while away");
+  await until(() => sockets.at(-1) !== k1);
+  const k2 = sockets.at(-1);
+  k2.deliver(welcome(3, "s1", []));
+  const unavailable = (room) => ({ type: "error", code: "unavailable", ref: "join:" + room,
+                                   message: "the shared store is unreachable (joining); try again later" });
+  k2.deliver(unavailable("dev"));
+  kept.join("new");
+  k2.deliver(unavailable("new"));
+  const devJoins = () => k2.sent.filter((f) => f.type === "join" && f.room === "dev").map((f) => f.since);
+  for (let i = 0; i < 60 && devJoins().length < 2; i++) await wait(50);
+  out.unavailable = [devJoins(), kept.conversations.has("dev"), kept.conversations.has("new"),
+                     waitingForDev.status, k2.sent.filter((f) => f.type === "message").length];
+  k2.deliver(joined("dev", "x", [msg(4, "four")]));
+  out.unavailable.push(k2.sent.filter((f) => f.type === "message").map((f) => f.text));
+  kept.stop();
+
   // While the rate limit refuses us: no typing notices; a refused leave is asked again
   // after the pause (not once the room is joined again); and a message for a room still
   // joining waits for its join (one refused as too fast is asked again later).
