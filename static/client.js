@@ -753,7 +753,9 @@ export class ChatClient extends EventTarget {
     const code = String(msg.code);
     const text = String(msg.message || code);
     if (code === "rate_limited") this.quietUntil = this.now() + RATE_PAUSE_MS;
-    if (ref === "typing") return; // a notice lost is no loss, and not the user's doing
+    // A typing notice or a heartbeat's ping refused: no loss (the refusal is an answer too),
+    // nothing to resend, and not the user's doing.
+    if (ref === "typing" || ref === "heartbeat") return;
     if (ref && ref.startsWith("dm:")) {
       // Any answer to the ping after a direct, even a refusal, means the direct itself was
       // handled without an error (those come first, in order): it went through.

@@ -898,5 +898,6 @@ def test_protocol_client_on_its_own(server, browser):
     assert out["acked"] == [1, ["one", "two", "mine"]]
     assert out["unavailable"] == [[4, 4], True, False, "pending", 0, ["typed while away"]]
     assert out["limited"] == {"typing": [1, 1, 2], "messageBeforeJoined": 0,
-                              "messageAfterJoined": ["typed while joining"], "leaves": [2, 1]}
+                              "messageAfterJoined": ["typed while joining"], "leaves": [2, 1],
+                              "heartbeat": [[], 0]}
     assert out["lane"] == [["d one"], ["d one", "d two"], "sent", "failed", 0]

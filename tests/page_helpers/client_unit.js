@@ -260,6 +260,15 @@ async () => {
   out.limited.leaves = [count("leave", "dev"), count("leave", "attic")];
   lim.typing("lobby");
   out.limited.typing.push(count("typing"));
+  // A refused heartbeat ping is not the user's doing: no "problem", nothing resent.
+  const problems = [];
+  lim.addEventListener("problem", ({ detail }) => problems.push(detail.code));
+  lim.send("lobby", "after the pause");
+  const lobbySends = () => l1.sent.filter((f) => f.type === "message" && f.room === "lobby").length;
+  const sendsBefore = lobbySends();
+  l1.deliver({ type: "error", code: "rate_limited", message: "slow down", ref: "heartbeat" });
+  for (let i = 0; i < 40; i++) await wait(50);  // past the pause: a resend would have gone
+  out.limited.heartbeat = [problems, lobbySends() - sendsBefore];
   lim.stop();
 
   // Directs go one at a time: the next once the last is answered. Stopped, one unanswered
