@@ -562,20 +562,25 @@ def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
     assert "<script>" not in response.text() and "<script type=\"module\" src=" in response.text()
 
 
-def test_missed_messages_are_recovered_after_going_offline(server, tabs):
-    """A tab that loses its network catches up on reconnect with since/epoch, without
-    duplicates, and sends what was typed meanwhile exactly once."""
+def b_misses_some(server, tabs, first, n):
+    """Tabs A and B: both see A's line ``first``, then B goes offline and A says "while B was
+    away 0" to n - 1, all stored (so the order of what B says next is the server's)."""
     tabs.allow_socket_failures()
     a = tabs.open(server)
     b = tabs.open(server)
-    say(a, "before the outage")
-    expect(message(b, "before the outage")).to_be_visible()
-
+    say(a, first)
+    expect(message(b, first)).to_be_visible()
     go_offline(b)
-    for n in range(3):
-        say(a, "while B was away %d" % n)
-    # All three stored before B's line can be: the order below is then the server's.
-    expect(message(a, "while B was away 2")).to_have_attribute("data-status", "sent")
+    for i in range(n):
+        say(a, "while B was away %d" % i)
+    expect(message(a, "while B was away %d" % (n - 1))).to_have_attribute("data-status", "sent")
+    return a, b
+
+
+def test_missed_messages_are_recovered_after_going_offline(server, tabs):
+    """A tab that loses its network catches up on reconnect with since/epoch, without
+    duplicates, and sends what was typed meanwhile exactly once."""
+    a, b = b_misses_some(server, tabs, "before the outage", 3)
     say(b, "typed while offline")
     expect(message(b, "typed while offline")).to_have_attribute("data-status", "pending")
     expect(message(b, "typed while offline")).to_contain_text("waiting for the connection")
@@ -594,17 +599,8 @@ def test_missed_messages_are_recovered_after_going_offline(server, tabs):
 def test_a_gap_the_server_could_not_fill_is_marked(start_server, tabs):
     """A tab away for longer than the server's history reaches back gets the latest
     messages with a notice where the ones it missed would have been, not a seamless log."""
-    tabs.allow_socket_failures()
     server = start_server(env={"HISTORY_SIZE": "3"})
-    a = tabs.open(server)
-    b = tabs.open(server)
-    say(a, "seen by both")
-    expect(message(b, "seen by both")).to_be_visible()
-
-    go_offline(b)
-    for n in range(6):
-        say(a, "while B was away %d" % n)
-    expect(message(a, "while B was away 5")).to_have_attribute("data-status", "sent")
+    a, b = b_misses_some(server, tabs, "seen by both", 6)
     come_back(b)
 
     expect(message(b, "while B was away 5")).to_be_visible()
