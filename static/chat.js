@@ -682,6 +682,13 @@ document.addEventListener("keydown", (event) => {
 });
 
 window.addEventListener("hashchange", () => activate(fromHash()));
+// Closing the tab loses what is not confirmed yet (a reload keeps room messages, not direct
+// ones), so the browser asks first, in its own words: a page cannot set them.
+window.addEventListener("beforeunload", (event) => {
+  if (!client.unsent()) return;
+  event.preventDefault();
+  event.returnValue = true; // (what older browsers look for instead)
+});
 window.addEventListener("online", () => client.reconnectNow());
 // Offline means the socket is dead even if the browser has not noticed yet; reconnecting
 // starts (and backs off) now, and "online" cuts the wait short.

@@ -238,10 +238,10 @@ export class ChatClient extends EventTarget {
     return conv;
   }
 
-  /** How many of our messages to conversation `key` are not confirmed yet. */
+  /** How many of our messages to conversation `key` (to any, without one) are not confirmed yet. */
   unsent(key) {
     let n = 0;
-    for (const entry of this.pending.values()) if (entry.room === key) n += 1;
+    for (const entry of this.pending.values()) if (key === undefined || entry.room === key) n += 1;
     return n;
   }
 

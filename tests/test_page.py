@@ -350,6 +350,26 @@ def test_leaving_a_room_with_unsent_messages_asks_first(server, tabs):
     assert len(asked) == 1
 
 
+def test_closing_the_tab_with_unsent_messages_asks_first(server, tabs):
+    """Closing the tab loses what is not confirmed yet: the browser asks first, and staying
+    keeps it; once everything is confirmed the tab closes without a question."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    go_offline(a)
+    say(a, "typed on the train")
+    with a.expect_event("dialog", timeout=5_000) as asked:
+        a.close(run_before_unload=True)
+    assert asked.value.type == "beforeunload"
+    asked.value.dismiss()  # stay
+    come_back(a)
+    expect(message(a, "typed on the train")).to_have_attribute("data-status", "sent")
+    dialogs = []
+    a.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
+    with a.expect_event("close"):
+        a.close(run_before_unload=True)
+    assert dialogs == []
+
+
 def test_long_and_emoji_names_fit(server, tabs):
     """A 32-character name stays inside the side panels with its unread badge in view; an
     emoji name is counted as the server counts it and its avatar takes whole characters."""
