@@ -129,6 +129,13 @@ class WampConnection:
             self._handle(message)
             if self.session.answers_due == due:
                 _over_rate(self)
+        elif self.session.calls and wamp.is_cancel(message):
+            # A caller giving up on a call that was counted already; one that cancels
+            # nothing waiting (or only interrupts) counts like any message.
+            calls = self.session.calls
+            self._handle(message)
+            if self.session.calls == calls:
+                _over_rate(self)
         elif wamp.is_goodbye(message):
             self._handle(message)  # ends the session: never more than one
         elif _over_rate(self):

@@ -1,9 +1,10 @@
 """A WAMP v2 router, Basic Profile, for the ``wamp.2.json`` subprotocol, bridged to the chat.
 
 Message codes, ids and error URIs follow the WAMP specification (wamp-proto.org, "Basic
-Profile"). The router keeps realms of sessions; each realm has a broker (topics and their
-subscribers) and a dealer (procedures and their callees). No I/O here: a session is given a
-``send(frame_bytes)`` and the router calls it.
+Profile", and call canceling from the Advanced Profile). The router keeps realms of
+sessions; each realm has a broker (topics and their subscribers) and a dealer (procedures
+and their callees). No I/O here: a session is given a ``send(frame_bytes)`` and the router
+calls it.
 
 The bridge: in the realm ``WAMP_REALM`` (default ``realm1``), topic ``chat.room.<room>`` is
 chat room ``<room>``. Chat messages are published to it as EVENTs with ``args`` ``[text]``
@@ -30,8 +31,9 @@ SUBPROTOCOL = "wamp.2.json"
 HELLO, WELCOME, ABORT, GOODBYE, ERROR = 1, 2, 3, 6, 8
 PUBLISH, PUBLISHED, SUBSCRIBE, SUBSCRIBED, UNSUBSCRIBE, UNSUBSCRIBED, EVENT = \
     16, 17, 32, 33, 34, 35, 36
-CALL, RESULT, REGISTER, REGISTERED, UNREGISTER, UNREGISTERED, INVOCATION, YIELD = \
-    48, 50, 64, 65, 66, 67, 68, 70
+CALL, CANCEL, RESULT, REGISTER, REGISTERED, UNREGISTER, UNREGISTERED, INVOCATION, INTERRUPT, \
+    YIELD = 48, 49, 50, 64, 65, 66, 67, 68, 69, 70
+CANCEL_MODES = ("skip", "kill", "killnowait")
 
 _REQUESTS = (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CALL, REGISTER, UNREGISTER)
 ROOM_TOPIC = "chat.room."
@@ -46,7 +48,8 @@ MAX_ID = 2 ** 53
 _URI_PART = "[^\\s.#\x00-\x1f\x7f-\x9f\ud800-\udfff]+"
 _URI = re.compile(r"%s(\.%s)*\Z" % (_URI_PART, _URI_PART))
 ROUTER_ROLES = {"broker": {"features": {"publisher_exclusion": True}},
-                "dealer": {"features": {}}}
+                "dealer": {"features": {"call_canceling": True}}}
+CLIENT_ROLES = ("publisher", "subscriber", "caller", "callee")
 
 
 def new_id():
@@ -84,7 +87,8 @@ def _decode(text):
 
 
 def valid_uri(uri):
-    return isinstance(uri, str) and len(uri) <= 255 and _URI.match(uri) is not None
+    """(No length limit: the specification has none, and the message size limit bounds it.)"""
+    return isinstance(uri, str) and _URI.match(uri) is not None
 
 
 def is_subscribe(text):
@@ -97,6 +101,7 @@ def is_unsubscribe(text):
 
 
 _ANSWER = re.compile(r"\[\s*(?:%d|%d\s*,\s*%d)\s*," % (YIELD, ERROR, INVOCATION))
+_CANCEL = re.compile(r"\[\s*%d\s*," % CANCEL)
 _GOODBYE = re.compile(r"\[\s*%d\s*," % GOODBYE)
 
 
@@ -109,12 +114,16 @@ def is_goodbye(text):
     return _GOODBYE.match(text) is not None
 
 
+def is_cancel(text):
+    return _CANCEL.match(text) is not None
+
+
 class Violation(Exception):
     """The peer broke the protocol; the session ends with ABORT."""
 
 
 def _is_id(value):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
 
 
 def _payload(args, kwargs):
@@ -138,6 +147,8 @@ class Session:
         self.subscriptions = set()  # subscription ids
         self.registrations = set()  # registration ids
         self.calls = 0  # calls made and not yet answered
+        self.waiting = {}  # its calls' request ids -> (callee id, invocation id): for CANCEL
+        self.interruptible = False  # a callee that takes INTERRUPT (call canceling)
         self.answers_due = 0  # INVOCATIONs to it still waiting: their answers are not rate limited
         self.next_request = 0
 
@@ -153,7 +164,8 @@ class Session:
 class Realm:
     """Shape: sessions[id] = Session; topics[uri] = subscription id; subscribers[sub id] =
     {session}; procedures[uri] = registration id; callees[reg id] = (uri, Session);
-    calls[(callee id, invocation id)] = (caller, call request id)."""
+    calls[(callee id, invocation id)] = (caller, call request id); each caller's ``waiting``
+    maps the other way."""
 
     def __init__(self, name):
         self.name = name
@@ -184,7 +196,8 @@ class Router:
             msg = _decode(text)
         except (ValueError, RecursionError):
             return self._abort(session, "wamp.error.protocol_violation", "message is not JSON")
-        if not (isinstance(msg, list) and msg and isinstance(msg[0], int)):
+        if not (isinstance(msg, list) and msg and isinstance(msg[0], int)
+                and not isinstance(msg[0], bool)):
             return self._abort(session, "wamp.error.protocol_violation",
                                "a message is a JSON array starting with its type code")
         try:
@@ -226,8 +239,16 @@ class Router:
         realm, details = msg[1], msg[2]
         if not valid_uri(realm) or not isinstance(details, dict):
             raise Violation("HELLO needs a realm URI and a details dict")
-        if not isinstance(details.get("roles"), dict) or not details["roles"]:
-            raise Violation("HELLO must announce at least one role")
+        roles = details.get("roles")
+        if not isinstance(roles, dict) or not any(role in roles for role in CLIENT_ROLES):
+            raise Violation("HELLO must announce at least one of the roles %s"
+                            % ", ".join(CLIENT_ROLES))
+        if not all(isinstance(roles[role], dict) for role in CLIENT_ROLES if role in roles):
+            raise Violation("a role's details must be a dict")
+        callee = roles.get("callee", {})
+        features = callee.get("features")
+        session.interruptible = isinstance(features, dict) and \
+            features.get("call_canceling") is True
         r = self.realms.get(realm)
         if r is None:
             r = self.realms[realm] = Realm(realm)
@@ -261,22 +282,21 @@ class Router:
         for reg_id in list(session.registrations):
             self._unregister(r, session, reg_id)
         for key, (caller, request) in list(r.calls.items()):
-            callee_id, _inv = key
-            if callee_id == session.id:
-                del r.calls[key]
-                caller.calls -= 1
+            if key[0] == session.id:
+                self._end_call(r, key)
                 caller.send([ERROR, CALL, request, {}, "wamp.error.canceled",
                              ["callee disconnected from in-flight request"]])
             elif caller is session:
-                del r.calls[key]
-                callee = r.sessions.get(callee_id)
-                if callee is not None:
-                    callee.answers_due -= 1  # an answer to it is an answer to nothing
-        if not r.sessions:
+                self._end_call(r, key)
+        # (Unsubscribing may have waited for Redis: the realm may have emptied and been made
+        # anew by another session meanwhile.)
+        if not r.sessions and self.realms.get(r.name) is r:
             del self.realms[r.name]
         log.info("WAMP session %d left realm %s", session.id, r.name)
 
     def _goodbye(self, session, msg):
+        if len(msg) < 3 or not isinstance(msg[1], dict) or not valid_uri(msg[2]):
+            raise Violation("GOODBYE needs a details dict and a reason URI")
         session.send([GOODBYE, {}, "wamp.close.goodbye_and_out"])
         self.leave(session)
         return False
@@ -287,6 +307,10 @@ class Router:
         _, request, options, topic = msg[:4]
         self._check_request(request, options)
         r = session.realm
+        if options.get("match", "exact") != "exact":  # (a wildcard has empty parts)
+            return self._error(session, SUBSCRIBE, request, "wamp.error.option_not_allowed",
+                               ["only exact matching: the router has no pattern-based "
+                                "subscriptions"])
         if not valid_uri(topic):
             return self._error(session, SUBSCRIBE, request, "wamp.error.invalid_uri")
         sub_id = r.topics.get(topic)
@@ -305,7 +329,10 @@ class Router:
             # follow() may wait for Redis: another session may have subscribed meanwhile.
             sub_id = r.topics.get(topic)
         if sub_id is None:
-            sub_id = r.topics[topic] = new_id()
+            sub_id = new_id()
+            while sub_id in r.subscribers:
+                sub_id = new_id()
+            r.topics[topic] = sub_id
             r.subscribers[sub_id] = set()
             r.topic_of[sub_id] = topic
         r.subscribers[sub_id].add(session)
@@ -316,6 +343,8 @@ class Router:
     def _unsubscribe_msg(self, session, msg):
         _, request, sub_id = msg[:3]
         self._check_request(request)
+        if not _is_id(sub_id):
+            raise Violation("subscription ids are integers in [1, 2^53]")
         if sub_id not in session.subscriptions:
             return self._error(session, UNSUBSCRIBE, request, "wamp.error.no_such_subscription")
         self._unsubscribe(session.realm, session, sub_id)
@@ -340,8 +369,10 @@ class Router:
         self._check_request(request, options)
         args, kwargs = self._args(msg, 4)
         r = session.realm
-        acknowledge = options.get("acknowledge") is True
-        exclude_me = options.get("exclude_me") is not False
+        acknowledge = options.get("acknowledge", False)
+        exclude_me = options.get("exclude_me", True)
+        if not (isinstance(acknowledge, bool) and isinstance(exclude_me, bool)):
+            raise Violation("acknowledge and exclude_me are booleans")
         if not valid_uri(topic) or topic.startswith("wamp."):
             return self._error(session, PUBLISH, request, "wamp.error.invalid_uri") \
                 if acknowledge else True
@@ -422,6 +453,10 @@ class Router:
         _, request, options, procedure = msg[:4]
         self._check_request(request, options)
         r = session.realm
+        if options.get("match", "exact") != "exact":
+            return self._error(session, REGISTER, request, "wamp.error.option_not_allowed",
+                               ["only exact matching: the router has no pattern-based "
+                                "registrations"])
         if not valid_uri(procedure) or procedure.startswith("wamp."):
             return self._error(session, REGISTER, request, "wamp.error.invalid_uri")
         if procedure in r.procedures:
@@ -430,6 +465,8 @@ class Router:
             return self._error(session, REGISTER, request, LIMIT,
                                ["at most %d registrations per session" % MAX_PER_SESSION])
         reg_id = new_id()
+        while reg_id in r.callees:
+            reg_id = new_id()
         r.procedures[procedure] = reg_id
         r.callees[reg_id] = (procedure, session)
         session.registrations.add(reg_id)
@@ -439,6 +476,8 @@ class Router:
     def _unregister_msg(self, session, msg):
         _, request, reg_id = msg[:3]
         self._check_request(request)
+        if not _is_id(reg_id):
+            raise Violation("registration ids are integers in [1, 2^53]")
         if reg_id not in session.registrations:
             return self._error(session, UNREGISTER, request, "wamp.error.no_such_registration")
         self._unregister(session.realm, session, reg_id)
@@ -467,6 +506,7 @@ class Router:
         _, callee = r.callees[reg_id]
         invocation = callee.request_id()
         r.calls[(callee.id, invocation)] = (session, request)
+        session.waiting[request] = (callee.id, invocation)
         session.calls += 1
         callee.answers_due += 1
         callee.send([INVOCATION, invocation, reg_id, {}] + _payload(args, kwargs))
@@ -476,33 +516,70 @@ class Router:
         _, invocation, options = msg[:3]
         self._check_request(invocation, options)
         args, kwargs = self._args(msg, 3)
-        pending = session.realm.calls.pop((session.id, invocation), None)
-        if pending is not None:  # the caller may have left meanwhile
+        pending = self._end_call(session.realm, (session.id, invocation))
+        if pending is not None:  # the caller may have left (or canceled) meanwhile
             caller, request = pending
-            caller.calls -= 1
-            session.answers_due -= 1
             caller.send([RESULT, request, {}] + _payload(args, kwargs))
         return True
 
     def _error_msg(self, session, msg):
         _, kind, invocation, details, uri = msg[:5]
-        if kind != INVOCATION or not isinstance(details, dict) or not valid_uri(uri):
+        if kind != INVOCATION:
             raise Violation("a client may send ERROR only for an INVOCATION")
+        if not isinstance(details, dict) or not valid_uri(uri):
+            raise Violation("ERROR needs a details dict and an error URI")
         args, kwargs = self._args(msg, 5)
-        pending = session.realm.calls.pop((session.id, invocation), None)
+        pending = self._end_call(session.realm, (session.id, invocation))
+        if pending is not None:
+            caller, request = pending
+            caller.send([ERROR, CALL, request, {}, uri] + _payload(args, kwargs))
+        return True
+
+    def _cancel(self, session, msg):
+        """Call canceling (Advanced Profile): "skip" answers the caller at once; "killnowait"
+        (without a mode) also sends the callee an INTERRUPT; "kill" sends the INTERRUPT and
+        lets the callee's answer, whatever it is, go to the caller. A callee that did not
+        announce call_canceling gets no INTERRUPT. A call answered already is let be."""
+        _, request, options = msg[:3]
+        self._check_request(request, options)
+        mode = options.get("mode", "killnowait")
+        if mode not in CANCEL_MODES:
+            raise Violation("a CANCEL's mode is one of %s" % ", ".join(CANCEL_MODES))
+        r = session.realm
+        key = session.waiting.get(request)
+        if key is None or key not in r.calls:
+            return True
+        callee = r.sessions.get(key[0])  # (None while it leaves: see leave)
+        interrupt = mode != "skip" and callee is not None and callee.interruptible
+        if interrupt:
+            callee.send([INTERRUPT, key[1], {"mode": mode}])
+            if mode == "kill":
+                return True
+        self._end_call(r, key)
+        session.send([ERROR, CALL, request, {}, "wamp.error.canceled", ["canceled by the caller"]])
+        return True
+
+    @staticmethod
+    def _end_call(r, key):
+        """Forget the call waiting for (callee id, invocation id); (caller, request id), or
+        None if none was. Its callee's answer, if one comes, answers nothing."""
+        pending = r.calls.pop(key, None)
         if pending is not None:
             caller, request = pending
             caller.calls -= 1
-            session.answers_due -= 1
-            caller.send([ERROR, CALL, request, {}, uri] + _payload(args, kwargs))
-        return True
+            if caller.waiting.get(request) == key:
+                del caller.waiting[request]
+            callee = r.sessions.get(key[0])
+            if callee is not None:
+                callee.answers_due -= 1
+        return pending
 
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
     def _check_request(request, options=None):
         if not _is_id(request):
-            raise Violation("request ids are integers in [0, 2^53]")
+            raise Violation("request ids are integers in [1, 2^53]")
         if options is not None and not isinstance(options, dict):
             raise Violation("options must be a dict")
 
@@ -522,5 +599,5 @@ class Router:
     _HANDLERS = {
         GOODBYE: _goodbye, SUBSCRIBE: _subscribe, UNSUBSCRIBE: _unsubscribe_msg,
         PUBLISH: _publish, REGISTER: _register, UNREGISTER: _unregister_msg, CALL: _call,
-        YIELD: _yield, ERROR: _error_msg,
+        CANCEL: _cancel, YIELD: _yield, ERROR: _error_msg,
     }

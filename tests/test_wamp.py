@@ -73,7 +73,8 @@ def test_welcome_announces_broker_and_dealer(server):
 
 @pytest.mark.parametrize("first", [
     "not json", "{}", "[]", '["hello"]', [32, 1, {}, "com.example.t"], [1, "bad realm", ROLES],
-    [1, "realm1", {}],
+    [1, "realm1", {}], [True, "realm1", ROLES], [1, "realm1", {"roles": {"caller": []}}],
+    [1, "realm1", {"roles": {"dancer": {}}}],
 ])
 def test_protocol_violations_abort(server, first):
     """Anything but a valid HELLO first ends the session with ABORT protocol_violation."""
@@ -86,7 +87,9 @@ def test_protocol_violations_abort(server, first):
 
 def test_second_hello_and_malformed_messages_abort(server):
     """After WELCOME, a second HELLO or a malformed message aborts the session."""
-    for bad in ([1, "realm1", ROLES], [32, "one", {}, "t"], [16, 1, "opts", "t"], [48, 1, {}, "p", "x"]):
+    for bad in ([1, "realm1", ROLES], [32, "one", {}, "t"], [16, 1, "opts", "t"],
+                [48, 1, {}, "p", "x"], [6], [6, {}, "not a uri"], [32, 0, {}, "t"], [34, 1, "one"], [66, 1, None],
+                [16, 1, {"acknowledge": "yes"}, "t"], [49, 1, {"mode": "now"}]):
         w = RawWamp(server.port)
         w.hello()
         w.send(bad)
@@ -141,6 +144,38 @@ def test_invalid_uris_are_refused(server):
     assert w.recv() == [8, 64, 3, {}, "wamp.error.invalid_uri"]
     w.send([16, 4, {"acknowledge": True}, "has space"])
     assert w.recv() == [8, 16, 4, {}, "wamp.error.invalid_uri"]
+
+
+def test_long_uris_are_uris(server):
+    """The specification sets no length for a URI (the message size limit bounds it): a
+    300-character topic, procedure and error URI all work."""
+    long = "com.example." + "x" * 300
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.hello()
+    caller.hello()
+    caller.send([32, 1, {}, long])
+    assert caller.recv()[0] == 33
+    callee.send([64, 1, {}, long])
+    assert callee.recv()[0] == 65
+    caller.send([48, 2, {}, long])
+    invocation = callee.recv()
+    assert invocation[0] == 68
+    callee.send([8, 68, invocation[1], {}, long + ".failed"])
+    assert caller.recv() == [8, 48, 2, {}, long + ".failed"]
+
+
+def test_pattern_subscriptions_and_registrations_are_refused(server):
+    """The router matches URIs exactly and does not announce patterns: a prefix or wildcard
+    SUBSCRIBE or REGISTER is refused, not taken as an exact one that would never fire."""
+    w = RawWamp(server.port)
+    w.hello()
+    w.send([32, 1, {"match": "prefix"}, "com.example"])
+    refused = w.recv()
+    assert refused[:5] == [8, 32, 1, {}, "wamp.error.option_not_allowed"], refused
+    w.send([64, 2, {"match": "wildcard"}, "com..add"])
+    assert w.recv()[:5] == [8, 64, 2, {}, "wamp.error.option_not_allowed"]
+    w.send([32, 3, {"match": "exact"}, "com.example"])
+    assert w.recv()[0] == 33
 
 
 def test_second_subscription_to_a_topic_has_the_same_id(server):
@@ -278,6 +313,86 @@ def test_unregister_and_callee_leaving_mid_call(server):
         await leave(again)
         await leave(caller)
     run(scenario())
+
+
+def test_a_call_the_caller_gives_up_on_is_canceled(server):
+    """Autobahn cancels a call whose future is cancelled (asyncio.wait_for's timeout, say):
+    the caller gets wamp.error.canceled and keeps its session, and the callee's invocation
+    is interrupted."""
+    async def scenario():
+        callee, caller = await join(server.port), await join(server.port)
+        started, stopped = future(), future()
+
+        async def slow():
+            started.set_result(True)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                stopped.set_result(True)
+                raise
+        await callee.register(slow, "com.example.slow")
+        await callee.register(lambda: "quick", "com.example.quick")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(caller.call("com.example.slow"), 0.5)
+        assert started.done()
+        await asyncio.wait_for(stopped, 5)  # INTERRUPT reached the callee
+        assert caller.is_attached() and callee.is_attached()
+        assert await caller.call("com.example.quick") == "quick"
+        await leave(callee)
+        await leave(caller)
+    run(scenario())
+    server.assert_no_traceback()
+
+
+@pytest.mark.parametrize("mode", ["skip", "killnowait", None, "kill"])
+def test_cancel_modes(server, mode):
+    """skip: the caller is answered at once and the callee is not told; killnowait (the
+    default): the callee also gets an INTERRUPT; kill: the INTERRUPT, and the caller gets the
+    callee's answer. Either way the caller gets one answer, and an answer to a call already
+    answered or canceled goes nowhere."""
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.send([1, "realm1", {"roles": {"callee": {"features": {"call_canceling": True}}}}])
+    assert callee.recv()[0] == 2
+    caller.hello()
+    callee.send([64, 1, {}, "com.example.slow"])
+    assert callee.recv()[0] == 65
+    caller.send([48, 7, {}, "com.example.slow"])
+    invocation = callee.recv()[1]
+    caller.send([49, 7, {"mode": mode} if mode else {}])
+    if mode != "skip":
+        assert callee.recv() == [69, invocation, {"mode": mode or "killnowait"}]
+    if mode == "kill":
+        caller.ws.settimeout(0.3)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            caller.ws.recv()  # nothing until the callee answers
+        caller.ws.settimeout(5)
+        callee.send([8, 68, invocation, {}, "wamp.error.canceled"])
+        assert caller.recv() == [8, 48, 7, {}, "wamp.error.canceled"]
+    else:
+        assert caller.recv() == [8, 48, 7, {}, "wamp.error.canceled", ["canceled by the caller"]]
+        callee.send([70, invocation, {}, ["too late"]])
+    caller.send([49, 7, {}])  # answered already: nothing happens
+    caller.send([48, 8, {}, "com.example.slow"])
+    invocation = callee.recv()[1]
+    callee.send([70, invocation, {}, ["done"]])
+    assert caller.recv() == [50, 8, {}, ["done"]]
+
+
+def test_a_callee_that_cannot_be_interrupted_is_not(server):
+    """A callee that did not announce call_canceling gets no INTERRUPT; the caller is
+    answered at once."""
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.hello()  # roles without features
+    caller.hello()
+    callee.send([64, 1, {}, "com.example.slow"])
+    assert callee.recv()[0] == 65
+    caller.send([48, 1, {}, "com.example.slow"])
+    invocation = callee.recv()[1]
+    caller.send([49, 1, {"mode": "kill"}])
+    assert caller.recv() == [8, 48, 1, {}, "wamp.error.canceled", ["canceled by the caller"]]
+    callee.send([70, invocation, {}, ["too late"]])
+    caller.send([48, 2, {}, "com.example.slow"])
+    assert callee.recv()[0] == 68  # the next invocation, no INTERRUPT before it
 
 
 def test_bridge_chat_to_wamp(server, clients):
@@ -436,6 +551,23 @@ def test_a_callee_over_the_rate_limit_still_answers(start_server):
     for n in range(2, 2 + 3):  # a flood of answers owed nothing ends as any flood does
         callee.send([70, invocation[1] + n, {}, ["bogus"]])
     assert callee.closed()
+
+
+def test_a_caller_over_the_rate_limit_can_still_cancel(start_server):
+    """A CANCEL of a call still waiting is not dropped by the rate limit: the CALL was
+    counted, and dropping it would leave the caller waiting."""
+    server = start_server(env={"RATE_LIMIT": "0.1", "RATE_BURST": "2"})
+    callee, caller = RawWamp(server.port), RawWamp(server.port)
+    callee.hello()
+    callee.send([64, 1, {}, "com.example.slow"])
+    assert callee.recv()[0] == 65
+    caller.hello()
+    caller.send([48, 1, {}, "com.example.slow"])  # the caller's last token
+    assert callee.recv()[0] == 68
+    caller.send([49, 1, {"mode": "skip"}])
+    assert caller.recv() == [8, 48, 1, {}, "wamp.error.canceled", ["canceled by the caller"]]
+    caller.send([48, 2, {}, "com.example.slow"])  # still over the rate
+    assert caller.recv()[:5] == [8, 48, 2, {}, "chat.error.rate_limited"]
 
 
 def test_calls_whose_callers_left_leave_the_callee_no_free_answers(start_server):
