@@ -244,12 +244,13 @@ if ref ~= '' then
 end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
 redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'msg', o = ARGV[9], room = ARGV[8], id = id,
-  from = ARGV[4], text = ARGV[5], ts = ARGV[6], ref = ref}))
+  epoch = epoch, from = ARGV[4], text = ARGV[5], ts = ARGV[6], ref = ref}))
 return {1, id, fields}
 """
 
 # KEYS: seq, stream, epoch. ARGV: history size, since ('' for none), epoch ('' for none).
-# Reads the sequence, epoch and entries together so they agree.
+# Reads the sequence, epoch and entries together so they agree; returns the epoch, whether
+# the entries are exactly those after since, the entries, and the sequence.
 HISTORY = """
 local epoch = redis.call('GET', KEYS[3]) or ''
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -259,14 +260,14 @@ if ARGV[2] ~= '' and ARGV[3] == epoch and epoch ~= '' then
   if since <= seq then
     local entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-0', '+')
     if (#entries > 0 and entries[1][1] == (since + 1) .. '-0') or (#entries == 0 and since == seq) then
-      return {epoch, 1, entries}
+      return {epoch, 1, entries, seq}
     end
   end
 end
 if size == 0 then
-  return {epoch, 0, {}}
+  return {epoch, 0, {}, seq}
 end
-return {epoch, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', size)}
+return {epoch, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', size), seq}
 """
 
 # KEYS: presence zset, info hash, pruned set. ARGV: now (ms), seconds to remember the pruned,
@@ -532,19 +533,26 @@ class RedisBackplane:
         self._announce_all()  # up first: members back after a cut are told to every process
         self._connected.set()
 
-    def _note_id(self, room, msg_id):
-        """Note a message id received for ``room``; True when ids were skipped: a room's ids
-        come one after another (INCR), so a jump means some were published while we were
-        not subscribed (messages go on arriving after a reconnect, so _find_gaps, which
-        compares with Redis's sequence, would not see it)."""
+    def _note_id(self, room, msg_id, epoch):
+        """Note a message id received for ``room`` in ``epoch`` (None from a process of an
+        older version). "skipped" when ids were skipped: a room's ids come one after
+        another (INCR), so a jump means some were published while we were not subscribed
+        (messages go on arriving after a reconnect, so _find_gaps, which compares with
+        Redis's sequence, would not see it). "epoch" when the epoch changed: Redis lost the
+        room's state (its keys expired, say) and ids started again, below the floors of
+        members who had the old ones."""
         seen = self._seen.get(room)
         if seen is None:
-            return False  # not a room we answer joins for
+            return None  # not a room we answer joins for
+        if epoch is not None and seen[0] is not None and epoch != seen[0]:
+            log.warning("room %s: a new epoch (its state in Redis was lost)", room)
+            seen[:] = [epoch, msg_id]
+            return "epoch"
         if seen[1] is None or msg_id > seen[1]:
             skipped = seen[1] is not None and msg_id > seen[1] + 1
             seen[1] = msg_id
-            return skipped
-        return False  # already in a history answer
+            return "skipped" if skipped else None
+        return None  # already in a history answer
 
     def _note_unfinished(self, room, member_id, nick):
         # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly.
@@ -640,15 +648,19 @@ class RedisBackplane:
             if event.get("told") == self.origin:
                 return  # our clients heard this one at the time (_finish_leaves)
             try:
-                gap = False
+                gap = None
                 if event.get("k") == "msg":
+                    room = event["room"]
+                    epoch = event.get("epoch")
                     event = {"k": "msg", "message": _message(
-                        event["room"], event["id"], ["from", event["from"], "text", event["text"],
-                                                     "ts", event["ts"], "ref", event.get("ref", "")])}
-                    gap = self._note_id(event["message"]["room"], event["message"]["id"])
+                        room, event["id"], ["from", event["from"], "text", event["text"],
+                                            "ts", event["ts"], "ref", event.get("ref", "")])}
+                    gap = self._note_id(room, event["message"]["id"], epoch)
+                if gap == "epoch":  # first: its floors go, or members would skip this one
+                    self._deliver({"k": "gap", "room": room})
                 self._deliver(event)
-                if gap:
-                    self._deliver({"k": "gap", "room": event["message"]["room"]})
+                if gap == "skipped":
+                    self._deliver({"k": "gap", "room": room})
             except Exception:  # noqa: BLE001 - one bad event must not cost the subscription
                 log.exception("delivering an event from %s failed", channel)
         elif kind == "subscribe":
@@ -811,7 +823,7 @@ class RedisBackplane:
 
     def history(self, room, since=None, epoch=None):
         k = _keys(room)
-        got_epoch, recovered, entries = self._call(
+        got_epoch, recovered, entries, seq = self._call(
             self._history, keys=[k["seq"], k["stream"], k["epoch"]],
             args=[self.history_size, "" if since is None else since, epoch or ""])
         messages = [_message(room, _text(eid).split("-")[0], fields) for eid, fields in entries]
@@ -820,13 +832,12 @@ class RedisBackplane:
         got_epoch = _text(got_epoch) or self._new_epoch_for(room)
         seen = self._seen.get(room)
         if seen is not None:  # watched: note where it stands (_note_id, _find_gaps)
-            # (None: where the sequence stands is not known yet; the next message tells.)
-            last = messages[-1]["id"] if messages else (since or 0) if recovered else None
+            last = int(seq)  # (read with the epoch: 0 in a room with no message yet)
             if seen[0] is not None and seen[0] != got_epoch:
                 seen[:] = [got_epoch, last]  # a new epoch: ids start again
             else:
                 seen[0] = got_epoch
-                if last is not None and (seen[1] is None or last > seen[1]):
+                if seen[1] is None or last > seen[1]:
                     seen[1] = last
         return messages, got_epoch, bool(recovered)
 

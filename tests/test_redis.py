@@ -607,19 +607,22 @@ def _redis_command(port, *args):
         return reply.decode()
 
 
+@pytest.mark.parametrize("before", [["before"], []], ids=["room-with-messages", "empty-room"])
 def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair, redis_server,
-                                                                           clients):
+                                                                           clients, before):
     """Messages published while one process's subscription was cut, with more arriving right
     after it is back (a busy room), are not missed silently: that process's JSON clients are
-    closed with 1012, and their reconnect finds every message."""
+    closed with 1012, and their reconnect finds every message. Also in a room that had no
+    message yet when they joined."""
     a, b = pair
     reader = clients.json(a)
     poster = clients.json(b)
     name = re.search(r"connections named (chat-[0-9a-f]+)",
                      a.wait_for_log(r"connections named chat-")).group(1)
-    poster.send(type="message", text="before", ref="cut-before")
-    poster.wait("ack")
-    reader.wait("message", text="before")
+    for text in before:
+        poster.send(type="message", text=text, ref="cut-before")
+        poster.wait("ack")
+        reader.wait("message", text=text)
     listing = _redis_command(redis_server.port, "CLIENT", "LIST")
     cut = [re.search(r"\bid=(\d+)", line).group(1) for line in listing.splitlines()
            if "name=%s " % name in line and "cmd=subscribe" in line]
@@ -642,5 +645,32 @@ def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair,
     assert closed.code == 1012
     again = clients.json(a)
     texts = [m["text"] for m in again.welcome["history"]]
-    assert texts[-9:] == ["before"] + ["missed %d" % n for n in range(5)] + \
+    assert texts == before + ["missed %d" % n for n in range(5)] + \
         ["after %d" % n for n in range(3)]
+
+
+def test_a_room_whose_state_redis_lost_reconnects_its_members(pair, redis_server, clients):
+    """A room's keys can go while its members stay (ROOM_TTL without a message, an operator's
+    DEL): its ids start again at 1, in a new epoch. Members whose join held higher ids do not
+    skip the new ones as seen already: JSON clients are asked to reconnect (1012) and find
+    them, plain ones read them."""
+    a, b = pair
+    poster = clients.json(b)
+    for n in range(3):
+        poster.send(type="message", text="old %d" % n, ref="lost-old-%d" % n)
+        poster.wait("ack")
+    reader, plain = clients.json(a), clients.plain(a)
+    assert [m["id"] for m in reader.welcome["history"]] == [1, 2, 3]
+    registered(a, 2)  # the plain client's join is answered too: both have their floors
+    for key in ("seq", "history", "epoch", "refs"):
+        _redis_command(redis_server.port, "DEL", "chat:room:lobby:" + key)
+    poster.send(type="message", text="new 0", ref="lost-new-0")
+    assert reader.recv_until_closed(timeout=10).code == 1012
+    said = 'Client %d says "new 0"' % poster.welcome["id"]
+    heard = [plain.recv()]  # (besides the JSON clients' going and coming back)
+    while heard[-1] != said and len(heard) < 5:
+        heard.append(plain.recv())
+    assert said in heard, heard
+    again = clients.json(a)
+    assert again.welcome["epoch"] != reader.welcome["epoch"]
+    assert [(m["id"], m["text"]) for m in again.welcome["history"]] == [(1, "new 0")]
