@@ -103,8 +103,9 @@ class LocalBackplane:
         members = self._presence.get(room, {})
         return list(itertools.islice(members.values(), limit)), len(members)
 
-    def history(self, room, since=None, epoch=None):
-        """(messages, epoch, recovered): see ``Room.recover``."""
+    def history(self, room, since=None, epoch=None, budget=None):
+        """(messages, epoch, recovered): see ``Room.recover``. All of them, whatever the
+        ``budget``: they are in memory already."""
         r = self._room(room)
         messages, recovered = r.recover(since, epoch)
         return messages, r.epoch, recovered
@@ -248,26 +249,52 @@ redis.call('PUBLISH', ARGV[1], cjson.encode({k = 'msg', o = ARGV[9], room = ARGV
 return {1, id, fields}
 """
 
-# KEYS: seq, stream, epoch. ARGV: history size, since ('' for none), epoch ('' for none).
-# Reads the sequence, epoch and entries together so they agree; returns the epoch, whether
-# the entries are exactly those after since, the entries, and the sequence.
+# KEYS: seq, stream, epoch. ARGV: history size, since ('' for none), epoch ('' for none),
+# budget (characters). Reads the sequence, epoch and entries together so they agree; returns
+# the epoch, whether the entries are all those after since, the entries (newest first) and
+# the sequence. Entries stop at the first whose texts and the newer ones' hold more than
+# the budget's characters (non-continuation bytes of UTF-8): the answer keeps fewer anyway
+# (it counts their JSON, at least as long), and a join need not fetch, nor the process
+# parse, a whole history of big messages.
 HISTORY = """
+local function newest(key, oldest, count, budget)
+  local out, total, upto = {}, 0, '+'
+  while #out < count do
+    local page = redis.call('XREVRANGE', key, upto, oldest, 'COUNT', math.min(100, count - #out))
+    if #page == 0 then
+      break
+    end
+    for _, entry in ipairs(page) do
+      out[#out + 1] = entry
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'text' then
+          total = total + select(2, string.gsub(fields[i + 1], '[^\\128-\\191]', ''))
+        end
+      end
+      if total > budget then
+        return out
+      end
+    end
+    upto = '(' .. page[#page][1]
+  end
+  return out
+end
 local epoch = redis.call('GET', KEYS[3]) or ''
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local size = tonumber(ARGV[1])
+local budget = tonumber(ARGV[4])
 if ARGV[2] ~= '' and ARGV[3] == epoch and epoch ~= '' then
   local since = tonumber(ARGV[2])
-  if since <= seq then
-    local entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-0', '+')
-    if (#entries > 0 and entries[1][1] == (since + 1) .. '-0') or (#entries == 0 and since == seq) then
-      return {epoch, 1, entries, seq}
-    end
+  if since == seq then
+    return {epoch, 1, {}, seq}
+  end
+  local after = (since + 1) .. '-0'
+  if since < seq and #redis.call('XRANGE', KEYS[2], after, after) > 0 then
+    return {epoch, 1, newest(KEYS[2], after, seq - since, budget), seq}
   end
 end
-if size == 0 then
-  return {epoch, 0, {}, seq}
-end
-return {epoch, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', size), seq}
+return {epoch, 0, newest(KEYS[2], '-', size, budget), seq}
 """
 
 # KEYS: presence zset, info hash, pruned set. ARGV: now (ms), seconds to remember the pruned,
@@ -821,14 +848,16 @@ class RedisBackplane:
                 self.publish(room, {"k": "presence", "room": room, "event": "leave",
                                     "member": json.loads(info)})
 
-    def history(self, room, since=None, epoch=None):
+    def history(self, room, since=None, epoch=None, budget=None):
+        """(messages, epoch, recovered): the newest messages at least, up to where their
+        texts hold more than ``budget`` characters (see HISTORY)."""
         k = _keys(room)
         got_epoch, recovered, entries, seq = self._call(
             self._history, keys=[k["seq"], k["stream"], k["epoch"]],
-            args=[self.history_size, "" if since is None else since, epoch or ""])
-        messages = [_message(room, _text(eid).split("-")[0], fields) for eid, fields in entries]
-        if not recovered:
-            messages.reverse()  # XREVRANGE gave newest first
+            args=[self.history_size, "" if since is None else since, epoch or "",
+                  budget or 2 ** 53])
+        messages = [_message(room, _text(eid).split("-")[0], fields)
+                    for eid, fields in reversed(entries)]
         got_epoch = _text(got_epoch) or self._new_epoch_for(room)
         seen = self._seen.get(room)
         if seen is not None:  # watched: note where it stands (_note_id, _find_gaps)

@@ -416,7 +416,8 @@ class Hub:
                 if size <= self.presence_limit:
                     self._publish_presence(name, "join", client)
             members, count = self.backplane.members(name, self.presence_limit)
-            history, room_epoch, recovered = self.backplane.history(name, since, epoch)
+            history, room_epoch, recovered = self.backplane.history(
+                name, since, epoch, budget=self.answer_history)
             history, complete = newest_within(history, self.answer_history)
             recovered = recovered and complete  # the client must learn that some are missing
         except Unavailable:

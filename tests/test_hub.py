@@ -700,12 +700,12 @@ class RacyBackplane(LocalBackplane):
     speaker = None
     before = after = ()
 
-    def history(self, room, since=None, epoch=None):
+    def history(self, room, since=None, epoch=None, budget=None):
         speaker, type(self).speaker = type(self).speaker, None
         if speaker is not None:
             for text in self.before:
                 self.post(room, {"id": speaker.id, "nick": speaker.nick}, text, 1.0)
-        result = super().history(room, since, epoch)
+        result = super().history(room, since, epoch, budget)
         if speaker is not None:
             for text in self.after:
                 self.post(room, {"id": speaker.id, "nick": speaker.nick}, text, 2.0)

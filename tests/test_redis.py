@@ -1,4 +1,5 @@
 """Scale-out: several server processes sharing one real redis-server (REDIS_URL)."""
+import json
 import os
 import re
 import signal
@@ -674,3 +675,38 @@ def test_a_room_whose_state_redis_lost_reconnects_its_members(pair, redis_server
     again = clients.json(a)
     assert again.welcome["epoch"] != reader.welcome["epoch"]
     assert [(m["id"], m["text"]) for m in again.welcome["history"]] == [(1, "new 0")]
+
+
+def _redis_output_bytes(port):
+    info = _redis_command(port, "INFO", "stats")
+    return int(re.search(r"total_net_output_bytes:(\d+)", info).group(1))
+
+
+def test_a_big_history_is_answered_as_without_redis_and_not_fetched_whole(start_server,
+                                                                          redis_server, clients):
+    """A join's answer holds the newest messages whose JSON fits in 1 MiB. With Redis the
+    answer is the one a single process gives (multi-byte text included: the budget counts
+    characters), and the process fetches little more than that: not the whole history,
+    which it would have to parse while every other client waits."""
+    answers = []
+    for env in ({}, {"REDIS_URL": redis_server.url}):
+        server = start_server(env=dict(env, RATE_LIMIT="0"))
+        poster = clients.json(server)
+        for n in range(100):  # HISTORY_SIZE: 100 messages of 60 KB (UTF-8 as is, unescaped)
+            poster.ws.send(json.dumps({"type": "message", "text": "%02d " % n + "é" * 30000,
+                                       "ref": "big-%02d" % n}, ensure_ascii=False))
+            poster.wait("ack")
+        sent_before = _redis_output_bytes(redis_server.port)
+        joiner = clients.json(server)
+        welcome = [m["text"][:2] for m in joiner.welcome["history"]]
+        joiner.send(type="join", room="lobby", since=1, epoch=joiner.welcome["epoch"])
+        joined = joiner.wait("joined")
+        fetched = _redis_output_bytes(redis_server.port) - sent_before
+        answers.append((welcome, [m["text"][:2] for m in joined["history"]], joined["recovered"]))
+    assert answers[0] == answers[1]
+    welcome, recovered_texts, recovered = answers[1]
+    assert 20 < len(welcome) < 50 and welcome[-1] == "99" and welcome == recovered_texts
+    assert recovered is False  # some after since=1 did not fit
+    # Two answers of 1 MiB of characters, 2 MiB of UTF-8 each, and one message more each:
+    # not the 12 MB of two whole histories.
+    assert fetched < 5.5e6, fetched
