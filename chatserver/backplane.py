@@ -607,7 +607,8 @@ class RedisBackplane:
                     size = self.exit(room, member_id, nick)
                     # Told even if Redis had it removed already: a call that timed out in
                     # the hang may have run once Redis went on, and told no one.
-                    if key in self._unfinished and size is not None and size < self.presence_limit:
+                    if key in self._unfinished and nick is not None and size is not None \
+                            and size < self.presence_limit:
                         self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
                             {"k": "presence", "room": room, "event": "leave", "o": self.origin,
                              "member": {"id": member_id, "nick": nick}, "told": self.origin}))
@@ -798,7 +799,9 @@ class RedisBackplane:
 
     def exit(self, room, member_id, nick=None):
         """The room's size once ``member_id`` is gone; None when another process pruned it
-        meanwhile (its process stalled) and told the others already."""
+        meanwhile (its process stalled) and told the others already. Should Redis be
+        unreachable, the leave is written once it is back, and told to the other processes
+        if ``nick`` is given (not for a join undone: they never heard of it)."""
         k = _keys(room)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(k["presence"], member_id)

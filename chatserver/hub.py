@@ -463,7 +463,8 @@ class Hub:
         client.pending.pop(name, None)
         self._unready(client, name)
         try:
-            size = self.backplane.exit(name, client.id, client.nick)
+            # (No nick for a join undone: should Redis hear of it later, nobody is told.)
+            size = self.backplane.exit(name, client.id, client.nick if announce else None)
         except Unavailable:
             size = len(members)
         # Notices stop above the limit: a room that had limit+1 members was unannounced. (None:

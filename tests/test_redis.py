@@ -597,6 +597,35 @@ def test_leaving_while_redis_hangs_is_told_to_the_others_once_it_is_back(start_s
     assert gone not in heard
 
 
+def test_a_join_refused_in_an_outage_is_never_told_as_a_leave(start_server, redis_server,
+                                                              clients):
+    """A join that Redis could not hear of is undone at once; should the undoing reach Redis
+    only once it is back, the other processes are not told of a leave (nor a disconnect)
+    by a client that never joined and is still connected."""
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "6"}
+    a, b = start_server(env=env), start_server(env=env)
+    joiner = clients.json(a)
+    watcher = clients.json(b)
+    watcher.send(type="join", room="x")
+    watcher.wait("joined")
+    joiner.send(type="leave", room="lobby")
+    joiner.wait("left")
+    assert watcher.wait("presence", event="leave")["member"]["id"] == joiner.id  # told once
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        for room in ("x", "lobby"):  # the first finds Redis hung (3 s), the second down
+            joiner.send(type="join", room=room, ref=room)
+            assert joiner.wait("error", timeout=10)["code"] == "unavailable"
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    poll(lambda: health(a)["status"] == "ok", timeout=10)
+    time.sleep(1)  # what a wrote after the outage is told by now
+    joiner.send(type="join", room="x")
+    joiner.wait("joined")
+    event = watcher.wait("presence", timeout=5)
+    assert (event["room"], event["event"], event["member"]["id"]) == ("x", "join", joiner.id)
+
+
 def _redis_command(port, *args):
     """One command to Redis over a plain socket (RESP); the reply, decoded."""
     with socket.create_connection(("127.0.0.1", port), 5) as s:
