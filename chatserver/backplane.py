@@ -216,9 +216,16 @@ UNFINISHED_MAX = 100000  # leaves during an outage told to Redis once it is back
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # reconnect delays, doubled with jitter up to the cap
 
 # KEYS: seq, stream, epoch, refs. ARGV: channel, new epoch, history size, sender json, text,
-# ts, ref ('' for none), room, origin, seconds to keep an idle room.
-# Increment, append (capped) and publish in one step: every process sees one order per room.
+# ts, ref ('' for none), room, origin, seconds to keep an idle room, deadline (ms, Redis's
+# clock). Increment, append (capped) and publish in one step: every process sees one order
+# per room. Nothing after the deadline: by then the process has told the sender that the
+# message was not stored (a hung Redis runs the command once it goes on).
 POST = """
+redis.replicate_commands()  -- (Redis < 7: TIME, then writes)
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[11]) then
+  return {-1, 0, {}}
+end
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   epoch = ARGV[2]
@@ -276,7 +283,7 @@ local function newest(key, oldest, count, budget)
         return out
       end
     end
-    upto = '(' .. page[#page][1]
+    upto = (tonumber(string.match(page[#page][1], '^%d+')) - 1) .. '-0'  -- (ids are N-0)
   end
   return out
 end
@@ -348,6 +355,10 @@ end
 return 1
 """
 REDIS_CONNECTIONS = 100  # per process, besides the pub/sub one
+COMMAND_TIMEOUT = 3.0  # seconds: a command that takes longer finds Redis hung (unavailable)
+# A message posted is stored only if Redis runs the script this soon after it was sent: its
+# answer then has the rest of COMMAND_TIMEOUT to arrive, before the sender is told it was not.
+POST_DEADLINE = COMMAND_TIMEOUT - 0.5
 POOL_WAIT = 10.0  # seconds a request may wait for one of them
 PRUNED_TTL = 24 * 3600  # how long a pruned member is remembered, to announce it if it is back
 
@@ -442,8 +453,9 @@ class RedisBackplane:
         # A burst of requests (a crowd reconnecting at once) waits for a free connection
         # instead of failing as if Redis were down (the default pool raises past 100).
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=POOL_WAIT, socket_timeout=3,
-            socket_connect_timeout=2, client_name="chat-" + self.origin, health_check_interval=0)
+            url, max_connections=REDIS_CONNECTIONS, timeout=POOL_WAIT,
+            socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=2,
+            client_name="chat-" + self.origin, health_check_interval=0)
         self.redis = redis.Redis(connection_pool=pool)
         self._post = self.redis.register_script(POST)
         self._history = self.redis.register_script(HISTORY)
@@ -454,6 +466,7 @@ class RedisBackplane:
         self._forget_clients = self.redis.register_script(FORGET_CLIENTS)
         self._sweep_clients = self.redis.register_script(SWEEP_CLIENTS)
         self._sweep_cursor = "0"
+        self._clock_offset = 0.0  # Redis's clock minus ours, in seconds (see _sync_clock)
         self._inbox = INBOX + self.origin
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
@@ -537,6 +550,7 @@ class RedisBackplane:
         if self._sub is not None:
             self._sub.disconnect()
         self.redis.ping()  # within socket_timeout: a hung Redis accepts connections, then hangs
+        self._sync_clock()
         # Not from the pool (a blocking pool keeps every connection it made): our own.
         pool = self.redis.connection_pool
         conn = pool.connection_class(**pool.connection_kwargs)
@@ -881,11 +895,25 @@ class RedisBackplane:
 
     def post(self, room, sender, text, ts, ref=None):
         k = _keys(room)
-        fresh, msg_id, fields = self._call(
-            self._post, keys=[k["seq"], k["stream"], k["epoch"], k["refs"]],
-            args=[k["channel"], secrets.token_hex(8), self.history_size, json.dumps(sender),
-                  text, repr(ts), ref or "", room, self.origin, ROOM_TTL])
-        return _message(room, msg_id, fields), bool(fresh)
+        for attempt in range(2):
+            deadline = int((time.time() + self._clock_offset + POST_DEADLINE) * 1000)
+            fresh, msg_id, fields = self._call(
+                self._post, keys=[k["seq"], k["stream"], k["epoch"], k["refs"]],
+                args=[k["channel"], secrets.token_hex(8), self.history_size, json.dumps(sender),
+                      text, repr(ts), ref or "", room, self.origin, ROOM_TTL, deadline])
+            if fresh != -1:
+                return _message(room, msg_id, fields), bool(fresh)
+            # Past the deadline, yet answered in time: Redis's clock moved since we read it.
+            # Nothing was stored; read it again and retry once.
+            log.warning("Redis's clock is not where we thought; reading it again")
+            self._call(self._sync_clock)
+        raise Unavailable("Redis's clock keeps moving: the message was not stored")
+
+    def _sync_clock(self):
+        """Read Redis's clock (TIME), for the deadlines of POST: hosts' clocks may differ."""
+        before = time.time()
+        seconds, micros = self.redis.time()
+        self._clock_offset = seconds + micros / 1e6 - (before + time.time()) / 2
 
     def publish(self, room, event):
         """Send an unstored event to every process; in an outage, to this one only."""
@@ -924,6 +952,7 @@ class RedisBackplane:
             if not self.up:
                 continue
             try:
+                self._sync_clock()  # (it drifts)
                 self._announce_all()
                 for room in self._local_members()[0]:
                     self._prune_room(room)  # members of dead processes leave, announced
