@@ -307,6 +307,9 @@ class HardenedWebSocket(WebSocket):
         data = self.sock.recv(READ_CHUNK)  # gevent's: waits for the peer without blocking others
         if not data:
             raise _EOF()
+        # The rest of a frame: a sign of life too. A peer in the middle of a big frame over a
+        # slow link cannot answer our ping until it has sent it all (RFC 6455 5.4).
+        self.last_seen = time.monotonic()
         return data
 
     def _read_exact(self, n):

@@ -319,6 +319,24 @@ def test_silent_raw_client_gets_pings_then_is_dropped(beating, clients):
     beating.wait_for_log(r"dropping the connection from 127\.0\.0\.1:\d+: silent")
 
 
+def test_client_sending_one_big_message_slowly_is_not_silent(beating, clients):
+    """A peer in the middle of a frame cannot answer a ping (RFC 6455 5.4: control frames
+    go between frames): while its bytes keep coming, over a slow link, it is alive, and
+    its message arrives whole."""
+    plain = clients.plain(beating)
+    raw = raw_client(beating, clients)
+    raw_id = new_client_id(plain)
+    text = "slow " * 20
+    frame = frame_bytes(OP_TEXT, text.encode())
+    heard = []
+    for i in range(0, len(frame), 4):  # 3 s, three times PING_TIMEOUT
+        raw.sock.sendall(frame[i:i + 4])
+        heard.append(plain.quiet(3 / (len(frame) / 4)))  # (the watcher answers its pings)
+    heard = [line for line in heard if line is not None] or [plain.recv()]
+    assert heard == ['Client %d says "%s"' % (raw_id, text)]
+    assert "silent" not in beating.log()
+
+
 def test_client_answering_pings_stays_connected(beating, clients):
     """A websocket-client connection, which pongs every ping, is still served after 2.5 s."""
     j = clients.json(beating)
