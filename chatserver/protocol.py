@@ -26,11 +26,13 @@ _JOINERS = {"\u200c", "\u200d"}  # format characters that emoji and some scripts
 _NEWER_EMOJI = range(0x1F000, 0x1FB00)
 # A subdivision flag (England, Scotland, Wales): a black flag, tag characters, a cancel tag.
 _TAG_FLAG = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
+# The Hangul fillers: letters that show as blank space.
+_BLANK_LETTERS = "\u115f\u1160\u3164\uffa0"
 # For telling what a nick looks like (nick_skeleton): letters that pass for the Latin ones of
 # "Client" mapped to them (Cyrillic, Greek, Cherokee, Armenian, small capitals, dotless i),
-# and the Hangul fillers, letters that show as blank space, dropped.
+# and the blank letters dropped.
 _LOOKALIKES = str.maketrans("СсЕеІіӀӏΙιΕεΤτΝΚкОоАаРрХхıᏟոᴄʟɪᴇɴᴛ|", "CcEeIillIiEeTtNKkOoAaPpXxiCncliENTl",
-                            "\u115f\u1160\u3164\uffa0")
+                            _BLANK_LETTERS)
 SMALL_REQUEST = 1024  # characters: more than a join or a subscription ever needs
 
 
@@ -97,6 +99,8 @@ def clean_nick(raw):
     if not all(map(_nick_char, _TAG_FLAG.sub("", nick))):
         raise ValueError("nick must not contain control, formatting, private-use or unassigned "
                          "characters")
+    if not any(map(_shows, nick)):
+        raise ValueError("nick must show at least one letter, digit, punctuation mark or symbol")
     return nick
 
 
@@ -113,6 +117,13 @@ def nick_skeleton(nick):
         elif category[0] in "LN":
             kept.append(ch)
     return "".join(kept).casefold()
+
+
+def _shows(ch):
+    """A character that shows on its own: not a space, a mark, nor a blank letter or the
+    blank Braille pattern."""
+    return (unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS
+            and ch != "\u2800") or ord(ch) in _NEWER_EMOJI
 
 
 def _nick_char(ch):

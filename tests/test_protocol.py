@@ -176,10 +176,12 @@ def test_room_of_64_characters_is_fine():
     None, "", "   ", "x" * 33, "a\x00b", "a\nb", "tab\there", "bell\x07", "\u202eevil",
     "zero\u200bwidth", "line\u2028sep", "del\x7f", 5, ["n"], True,
     "private\ue000use", "unassigned\u0378", "tag\U000e0041s",
+    "\u3164", "\u115f\u1160", "\u2800", "\u034f", "\u0301\u0301", "\u3000\u3164",
 ])
 def test_bad_nicks(nick):
     """nick must be 1-32 characters after trimming with no control, formatting, private-use
-    or unassigned characters."""
+    or unassigned characters, and show something: not only blank letters (Hangul fillers),
+    the blank Braille pattern or combining marks."""
     obj = {"type": "nick"} if nick is None else {"type": "nick", "nick": nick}
     assert refused(obj).code == "bad_request"
 
@@ -187,6 +189,7 @@ def test_bad_nicks(nick):
 @pytest.mark.parametrize("nick", [
     "Zoë", "李小龍", "عائشة", "Ada \U0001F469\u200D\U0001F4BB", "\U0001F3F3\uFE0F\u200D\U0001F308",
     "shaking \U0001FAE8",  # an emoji of Unicode 15, newer than Python 3.11's tables
+    "\U0001FAE8", "\u00b7", "e\u0301", "\u3164a",
     "Wales \U0001F3F4\U000E0067\U000E0062\U000E0077\U000E006C\U000E0073\U000E007F",
 ])
 def test_good_nicks(nick):
