@@ -276,7 +276,8 @@ local function newest(key, oldest, count, budget)
       local fields = entry[2]
       for i = 1, #fields, 2 do
         if fields[i] == 'text' then
-          total = total + select(2, string.gsub(fields[i + 1], '[^\\128-\\191]', ''))
+          local text = fields[i + 1]  -- its characters: bytes that do not continue one
+          total = total + #text - select(2, string.gsub(text, '[\\128-\\191]', ''))
         end
       end
       if total > budget then
@@ -354,6 +355,7 @@ if redis.call('ZCARD', KEYS[1]) <= tonumber(ARGV[6]) then
 end
 return 1
 """
+_NOTHING = object()
 REDIS_CONNECTIONS = 100  # per process, besides the pub/sub one
 COMMAND_TIMEOUT = 3.0  # seconds: a command that takes longer finds Redis hung (unavailable)
 # A message posted is stored only if Redis runs the script this soon after it was sent: its
@@ -466,7 +468,8 @@ class RedisBackplane:
         self._forget_clients = self.redis.register_script(FORGET_CLIENTS)
         self._sweep_clients = self.redis.register_script(SWEEP_CLIENTS)
         self._sweep_cursor = "0"
-        self._clock_offset = 0.0  # Redis's clock minus ours, in seconds (see _sync_clock)
+        # Redis's clock (s) when last read, and our monotonic clock just after: see _redis_ms.
+        self._redis_clock = (time.time(), time.monotonic())
         self._inbox = INBOX + self.origin
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                         redis.exceptions.BusyLoadingError, OSError)
@@ -596,9 +599,11 @@ class RedisBackplane:
         return None  # already in a history answer
 
     def _note_unfinished(self, room, member_id, nick):
-        # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly.
-        if len(self._unfinished) < UNFINISHED_MAX:
-            self._unfinished[(room, member_id)] = nick
+        # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly. A
+        # leave to tell (a nick) stays one when a join undone (None) follows it.
+        key = (room, member_id)
+        if len(self._unfinished) < UNFINISHED_MAX and (nick is not None or key not in self._unfinished):
+            self._unfinished[key] = nick
 
     def _after_outage(self):
         self._finish_leaves()
@@ -618,10 +623,14 @@ class RedisBackplane:
                 if room is None:
                     self.offline(member_id)
                 else:
-                    size = self.exit(room, member_id, nick)
+                    info, listed, pruned, size = self._remove(room, member_id)
+                    if nick is None and listed and info:
+                        # A join undone that Redis heard of after all (a hung Redis ran it
+                        # late): others may have listed it since, so it is told as gone.
+                        nick = json.loads(info)["nick"]
                     # Told even if Redis had it removed already: a call that timed out in
                     # the hang may have run once Redis went on, and told no one.
-                    if key in self._unfinished and nick is not None and size is not None \
+                    if key in self._unfinished and nick is not None and not pruned \
                             and size < self.presence_limit:
                         self._call(self.redis.publish, _keys(room)["channel"], json.dumps(
                             {"k": "presence", "room": room, "event": "leave", "o": self.origin,
@@ -802,32 +811,45 @@ class RedisBackplane:
             raise
 
     def enter(self, room, member):
-        self._unfinished.pop((room, member["id"]), None)  # back before Redis heard it left
+        key = (room, member["id"])
+        owed = self._unfinished.pop(key, _NOTHING)  # back before Redis heard it left
         k = _keys(room)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(k["presence"], {member["id"]: self._expiry()})
         pipe.hset(k["info"], member["id"], json.dumps(member))
         pipe.srem(k["pruned"], member["id"])  # announced by the hub: not "back" as well
         pipe.zcard(k["presence"])
-        return self._call(pipe.execute)[-1]
+        try:
+            return self._call(pipe.execute)[-1]
+        except Unavailable:
+            if owed is not _NOTHING and key not in self._unfinished:
+                self._unfinished[key] = owed  # not back after all: its leave is still owed
+            raise
 
     def exit(self, room, member_id, nick=None):
         """The room's size once ``member_id`` is gone; None when another process pruned it
         meanwhile (its process stalled) and told the others already. Should Redis be
         unreachable, the leave is written once it is back, and told to the other processes
         if ``nick`` is given (not for a join undone: they never heard of it)."""
-        k = _keys(room)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(k["presence"], member_id)
-        pipe.hdel(k["info"], member_id)
-        pipe.srem(k["pruned"], member_id)
-        pipe.zcard(k["presence"])
         try:
-            _removed, _info, pruned, size = self._call(pipe.execute)
+            _info, _listed, pruned, size = self._remove(room, member_id)
         except Unavailable:
             self._note_unfinished(room, member_id, nick)
             raise
         return None if pruned else size
+
+    def _remove(self, room, member_id):
+        """(its info as listed or None, whether it was listed, whether it was pruned, the
+        room's size once it is gone)."""
+        k = _keys(room)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hget(k["info"], member_id)
+        pipe.zrem(k["presence"], member_id)
+        pipe.hdel(k["info"], member_id)
+        pipe.srem(k["pruned"], member_id)
+        pipe.zcard(k["presence"])
+        info, listed, _deleted, pruned, size = self._call(pipe.execute)
+        return info, bool(listed), bool(pruned), size
 
     def rename(self, rooms, member):
         pipe = self.redis.pipeline(transaction=False)
@@ -881,6 +903,10 @@ class RedisBackplane:
             last = int(seq)  # (read with the epoch: 0 in a room with no message yet)
             if seen[0] is not None and seen[0] != got_epoch:
                 seen[:] = [got_epoch, last]  # a new epoch: ids start again
+                # Redis lost the room's state while members here had it (see _note_id): their
+                # floors and ids are of the old one. (After this join's answer.)
+                log.warning("room %s: a new epoch (its state in Redis was lost)", room)
+                gevent.spawn(self._deliver, {"k": "gap", "room": room})
             else:
                 seen[0] = got_epoch
                 if seen[1] is None or last > seen[1]:
@@ -895,25 +921,32 @@ class RedisBackplane:
 
     def post(self, room, sender, text, ts, ref=None):
         k = _keys(room)
-        for attempt in range(2):
-            deadline = int((time.time() + self._clock_offset + POST_DEADLINE) * 1000)
+        for _attempt in range(2):
+            sent = time.monotonic()
             fresh, msg_id, fields = self._call(
                 self._post, keys=[k["seq"], k["stream"], k["epoch"], k["refs"]],
                 args=[k["channel"], secrets.token_hex(8), self.history_size, json.dumps(sender),
-                      text, repr(ts), ref or "", room, self.origin, ROOM_TTL, deadline])
+                      text, repr(ts), ref or "", room, self.origin, ROOM_TTL,
+                      self._redis_ms(sent + POST_DEADLINE)])
             if fresh != -1:
                 return _message(room, msg_id, fields), bool(fresh)
-            # Past the deadline, yet answered in time: Redis's clock moved since we read it.
-            # Nothing was stored; read it again and retry once.
-            log.warning("Redis's clock is not where we thought; reading it again")
-            self._call(self._sync_clock)
-        raise Unavailable("Redis's clock keeps moving: the message was not stored")
+            # Nothing was stored. Answered in time yet past the deadline: Redis's clock moved
+            # since we read it, so read it again. (Or we waited that long for a connection.)
+            if time.monotonic() - sent < POST_DEADLINE:
+                log.warning("Redis's clock is not where we thought; reading it again")
+                self._call(self._sync_clock)
+        raise Unavailable("Redis did not store the message in time")
 
     def _sync_clock(self):
-        """Read Redis's clock (TIME), for the deadlines of POST: hosts' clocks may differ."""
-        before = time.time()
+        """Read Redis's clock (TIME), for the deadlines of POST: hosts' clocks may differ.
+        Ours is read after the answer, so that a slow one makes deadlines early, not late."""
         seconds, micros = self.redis.time()
-        self._clock_offset = seconds + micros / 1e6 - (before + time.time()) / 2
+        self._redis_clock = (seconds + micros / 1e6, time.monotonic())
+
+    def _redis_ms(self, when):
+        """Our monotonic time ``when`` on Redis's clock, in milliseconds."""
+        at_redis, at_ours = self._redis_clock
+        return int((at_redis + when - at_ours) * 1000)
 
     def publish(self, room, event):
         """Send an unstored event to every process; in an outage, to this one only."""

@@ -624,6 +624,31 @@ def test_a_join_refused_in_an_outage_is_never_told_as_a_leave(start_server, redi
     assert (event["room"], event["event"], event["member"]["id"]) == ("x", "join", joiner.id)
 
 
+def test_a_leave_in_an_outage_is_told_even_if_a_rejoin_is_refused(start_server,
+                                                                   redis_server, clients):
+    """A member that leaves while Redis hangs, then tries to come back and is refused, has
+    still left: the others are told once Redis is back."""
+    env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "6"}
+    a, b = start_server(env=env), start_server(env=env)
+    member, watcher = clients.json(a), clients.json(b)
+    for c in (watcher, member):
+        c.send(type="join", room="r")
+        c.wait("joined")
+    assert watcher.wait("presence", room="r", event="join")["member"]["id"] == member.id
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        member.send(type="message", room="r", text="into the hang")
+        assert member.wait("error", timeout=10)["code"] == "unavailable"
+        member.send(type="leave", room="r")
+        member.wait("left")
+        member.send(type="join", room="r", ref="again")
+        assert member.wait("error")["code"] == "unavailable"
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    event = watcher.wait("presence", room="r", timeout=10)
+    assert (event["event"], event["member"]["id"]) == ("leave", member.id)
+
+
 def _redis_command(port, *args):
     """One command to Redis over a plain socket (RESP); the reply, decoded."""
     with socket.create_connection(("127.0.0.1", port), 5) as s:
@@ -677,11 +702,13 @@ def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair,
         ["after %d" % n for n in range(3)]
 
 
-def test_a_room_whose_state_redis_lost_reconnects_its_members(pair, redis_server, clients):
+@pytest.mark.parametrize("first", ["message", "join"])
+def test_a_room_whose_state_redis_lost_reconnects_its_members(pair, redis_server, clients,
+                                                              first):
     """A room's keys can go while its members stay (ROOM_TTL without a message, an operator's
     DEL): its ids start again at 1, in a new epoch. Members whose join held higher ids do not
     skip the new ones as seen already: JSON clients are asked to reconnect (1012) and find
-    them, plain ones read them."""
+    them, plain ones read them; whether a message or a join meets the new epoch first."""
     a, b = pair
     poster = clients.json(b)
     for n in range(3):
@@ -692,8 +719,12 @@ def test_a_room_whose_state_redis_lost_reconnects_its_members(pair, redis_server
     registered(a, 2)  # the plain client's join is answered too: both have their floors
     for key in ("seq", "history", "epoch", "refs"):
         _redis_command(redis_server.port, "DEL", "chat:room:lobby:" + key)
+    if first == "join":
+        assert clients.json(a).welcome["epoch"] != reader.welcome["epoch"]
+        assert reader.recv_until_closed(timeout=10).code == 1012
     poster.send(type="message", text="new 0", ref="lost-new-0")
-    assert reader.recv_until_closed(timeout=10).code == 1012
+    if first == "message":
+        assert reader.recv_until_closed(timeout=10).code == 1012
     said = 'Client %d says "new 0"' % poster.welcome["id"]
     heard = [plain.recv()]  # (besides the JSON clients' going and coming back)
     while heard[-1] != said and len(heard) < 5:
