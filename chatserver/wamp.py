@@ -86,9 +86,11 @@ def _decode(text):
     return msg
 
 
-def valid_uri(uri):
-    """(No length limit: the specification has none, and the message size limit bounds it.)"""
-    return isinstance(uri, str) and _URI.match(uri) is not None
+def valid_uri(uri, limit=1024):
+    """A URI of at most ``limit`` characters. The specification sets no length; the router
+    keeps topics, procedures and realms while they are in use (1,000 per session each), so
+    it bounds theirs. An error URI is only passed on: the message size bounds it."""
+    return isinstance(uri, str) and len(uri) <= limit and _URI.match(uri) is not None
 
 
 def is_subscribe(text):
@@ -176,6 +178,7 @@ class Realm:
         self.procedures = {}
         self.callees = {}
         self.calls = {}
+        self.interrupted = set()  # keys of calls whose callee was sent an INTERRUPT (kill)
 
 
 class Router:
@@ -526,8 +529,9 @@ class Router:
         _, kind, invocation, details, uri = msg[:5]
         if kind != INVOCATION:
             raise Violation("a client may send ERROR only for an INVOCATION")
-        if not isinstance(details, dict) or not valid_uri(uri):
-            raise Violation("ERROR needs a details dict and an error URI")
+        self._check_request(invocation, details)
+        if not valid_uri(uri, limit=math.inf):
+            raise Violation("ERROR needs an error URI")
         args, kwargs = self._args(msg, 5)
         pending = self._end_call(session.realm, (session.id, invocation))
         if pending is not None:
@@ -552,8 +556,10 @@ class Router:
         callee = r.sessions.get(key[0])  # (None while it leaves: see leave)
         interrupt = mode != "skip" and callee is not None and callee.interruptible
         if interrupt:
-            callee.send([INTERRUPT, key[1], {"mode": mode}])
+            if key not in r.interrupted:  # (once: a kill leaves the call waiting)
+                callee.send([INTERRUPT, key[1], {"mode": mode}])
             if mode == "kill":
+                r.interrupted.add(key)
                 return True
         self._end_call(r, key)
         session.send([ERROR, CALL, request, {}, "wamp.error.canceled", ["canceled by the caller"]])
@@ -564,6 +570,7 @@ class Router:
         """Forget the call waiting for (callee id, invocation id); (caller, request id), or
         None if none was. Its callee's answer, if one comes, answers nothing."""
         pending = r.calls.pop(key, None)
+        r.interrupted.discard(key)
         if pending is not None:
             caller, request = pending
             caller.calls -= 1

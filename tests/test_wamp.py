@@ -89,7 +89,8 @@ def test_second_hello_and_malformed_messages_abort(server):
     """After WELCOME, a second HELLO or a malformed message aborts the session."""
     for bad in ([1, "realm1", ROLES], [32, "one", {}, "t"], [16, 1, "opts", "t"],
                 [48, 1, {}, "p", "x"], [6], [6, {}, "not a uri"], [32, 0, {}, "t"], [34, 1, "one"], [66, 1, None],
-                [16, 1, {"acknowledge": "yes"}, "t"], [49, 1, {"mode": "now"}]):
+                [16, 1, {"acknowledge": "yes"}, "t"], [49, 1, {"mode": "now"}],
+                [8, 68, 1.0, {}, "com.example.error"]):
         w = RawWamp(server.port)
         w.hello()
         w.send(bad)
@@ -147,9 +148,10 @@ def test_invalid_uris_are_refused(server):
 
 
 def test_long_uris_are_uris(server):
-    """The specification sets no length for a URI (the message size limit bounds it): a
-    300-character topic, procedure and error URI all work."""
-    long = "com.example." + "x" * 300
+    """The specification sets no length for a URI: topics and procedures of up to 1,024
+    characters work (the router keeps them, so it bounds them), and an error URI of any
+    length within the message size is passed on."""
+    long = "com.example." + "x" * 1000
     callee, caller = RawWamp(server.port), RawWamp(server.port)
     callee.hello()
     caller.hello()
@@ -160,8 +162,10 @@ def test_long_uris_are_uris(server):
     caller.send([48, 2, {}, long])
     invocation = callee.recv()
     assert invocation[0] == 68
-    callee.send([8, 68, invocation[1], {}, long + ".failed"])
-    assert caller.recv() == [8, 48, 2, {}, long + ".failed"]
+    callee.send([8, 68, invocation[1], {}, long + ".failed" * 200])
+    assert caller.recv() == [8, 48, 2, {}, long + ".failed" * 200]
+    caller.send([32, 3, {}, long + ".more" * 4])  # 1,032 characters
+    assert caller.recv() == [8, 32, 3, {}, "wamp.error.invalid_uri"]
 
 
 def test_pattern_subscriptions_and_registrations_are_refused(server):
@@ -362,10 +366,15 @@ def test_cancel_modes(server, mode):
     if mode != "skip":
         assert callee.recv() == [69, invocation, {"mode": mode or "killnowait"}]
     if mode == "kill":
+        caller.send([49, 7, {"mode": "kill"}])  # again: no second INTERRUPT
         caller.ws.settimeout(0.3)
         with pytest.raises(websocket.WebSocketTimeoutException):
             caller.ws.recv()  # nothing until the callee answers
+        callee.ws.settimeout(0.3)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            callee.ws.recv()
         caller.ws.settimeout(5)
+        callee.ws.settimeout(5)
         callee.send([8, 68, invocation, {}, "wamp.error.canceled"])
         assert caller.recv() == [8, 48, 7, {}, "wamp.error.canceled"]
     else:
