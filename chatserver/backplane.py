@@ -602,7 +602,9 @@ class RedisBackplane:
         # Bounded: past it, presence expiry (PRESENCE_TTL) cleans up, only less neatly. A
         # leave to tell (a nick) stays one when a join undone (None) follows it.
         key = (room, member_id)
-        if len(self._unfinished) < UNFINISHED_MAX and (nick is not None or key not in self._unfinished):
+        if nick is None and key in self._unfinished:
+            return
+        if len(self._unfinished) < UNFINISHED_MAX:
             self._unfinished[key] = nick
 
     def _after_outage(self):
