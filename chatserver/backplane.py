@@ -243,6 +243,16 @@ if ref ~= '' then
   end
 end
 local id = redis.call('INCR', KEYS[1])
+if id == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
+  -- The sequence alone went (evicted under maxmemory): go on from the stream's last id.
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      id = tonumber(string.match(info[i + 1], '^%d+')) + 1
+      redis.call('SET', KEYS[1], id)
+    end
+  end
+end
 local size = tonumber(ARGV[3])
 local fields = {'from', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6], 'ref', ref}
 redis.call('XADD', KEYS[2], 'MAXLEN', size, id .. '-0', unpack(fields))
@@ -709,11 +719,11 @@ class RedisBackplane:
                         room, event["id"], ["from", event["from"], "text", event["text"],
                                             "ts", event["ts"], "ref", event.get("ref", "")])}
                     gap = self._note_id(room, event["message"]["id"], epoch)
-                if gap == "epoch":  # first: its floors go, or members would skip this one
+                if gap:
+                    # First: JSON members must rejoin from the last id they had, not from
+                    # this one, and a new epoch's floors must go before its ids come.
                     self._deliver({"k": "gap", "room": room})
                 self._deliver(event)
-                if gap == "skipped":
-                    self._deliver({"k": "gap", "room": room})
             except Exception:  # noqa: BLE001 - one bad event must not cost the subscription
                 log.exception("delivering an event from %s failed", channel)
         elif kind == "subscribe":
@@ -911,7 +921,10 @@ class RedisBackplane:
                 gevent.spawn(self._deliver, {"k": "gap", "room": room})
             else:
                 seen[0] = got_epoch
-                if seen[1] is None or last > seen[1]:
+                if seen[1] is None:
+                    # Where the subscription takes over. Not raised by later joins: their
+                    # answers cover their joiners, not the members here who had only what
+                    # the subscription brought (see _note_id, _find_gaps).
                     seen[1] = last
         return messages, got_epoch, bool(recovered)
 

@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 
+from tests.clients import ConnectionClosed
+
 
 @pytest.fixture
 def pair(start_server, redis_server):
@@ -660,22 +662,26 @@ def _redis_command(port, *args):
         return reply.decode()
 
 
+@pytest.mark.parametrize("newcomer", [False, True], ids=["", "newcomer"])
 @pytest.mark.parametrize("before", [["before"], []], ids=["room-with-messages", "empty-room"])
 def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair, redis_server,
-                                                                           clients, before):
+                                                                           clients, before,
+                                                                           newcomer):
     """Messages published while one process's subscription was cut, with more arriving right
     after it is back (a busy room), are not missed silently: that process's JSON clients are
-    closed with 1012, and their reconnect finds every message. Also in a room that had no
-    message yet when they joined."""
+    closed with 1012 before any message from beyond the gap, so that rejoining from the last
+    id they had recovers exactly what they missed. Also in a room that had no message yet
+    when they joined, and when a newcomer's join reads the room just after the cut."""
     a, b = pair
     reader = clients.json(a)
     poster = clients.json(b)
     name = re.search(r"connections named (chat-[0-9a-f]+)",
                      a.wait_for_log(r"connections named chat-")).group(1)
+    had = []
     for text in before:
         poster.send(type="message", text=text, ref="cut-before")
         poster.wait("ack")
-        reader.wait("message", text=text)
+        had.append(reader.wait("message", text=text))
     listing = _redis_command(redis_server.port, "CLIENT", "LIST")
     cut = [re.search(r"\bid=(\d+)", line).group(1) for line in listing.splitlines()
            if "name=%s " % name in line and "cmd=subscribe" in line]
@@ -691,15 +697,43 @@ def test_messages_missed_while_subscription_was_cut_reconnect_json_clients(pair,
     finally:
         a.signal(signal.SIGCONT)
     poll(lambda: health(a)["status"] == "ok", timeout=10)
+    if newcomer:
+        clients.json(a)  # its welcome reads the room's history at once
     for n in range(3):  # and the room goes on
         poster.send(type="message", text="after %d" % n, ref="cut-after-%d" % n)
         poster.wait("ack")
-    closed = reader.recv_until_closed(timeout=10)
-    assert closed.code == 1012
+    while True:
+        try:
+            frame = reader.recv(timeout=10)
+        except ConnectionClosed as closed:
+            assert closed.code == 1012
+            break
+        if frame["type"] == "message":
+            had.append(frame)
+    everything = before + ["missed %d" % n for n in range(5)] + ["after %d" % n for n in range(3)]
     again = clients.json(a)
-    texts = [m["text"] for m in again.welcome["history"]]
-    assert texts == before + ["missed %d" % n for n in range(5)] + \
-        ["after %d" % n for n in range(3)]
+    assert [m["text"] for m in again.welcome["history"]] == everything
+    again.send(type="join", room="lobby", since=had[-1]["id"] if had else 0,
+               epoch=reader.welcome["epoch"])
+    joined = again.wait("joined")
+    assert joined["recovered"] is True
+    assert [m["text"] for m in had + joined["history"]] == everything
+
+
+def test_a_room_whose_sequence_alone_redis_lost_goes_on(pair, redis_server, clients):
+    """Under maxmemory with an eviction policy, a room's sequence can go while its history
+    stays: the next message goes on from the history's last id, not refused until the
+    sequence catches up again."""
+    a, _b = pair
+    poster = clients.json(a)
+    for n in range(3):
+        poster.send(type="message", text="kept %d" % n, ref="seq-kept-%d" % n)
+        assert poster.wait("ack")["id"] == n + 1
+    _redis_command(redis_server.port, "DEL", "chat:room:lobby:seq")
+    poster.send(type="message", text="next", ref="seq-next-0")
+    assert poster.wait("ack")["id"] == 4
+    assert [(m["id"], m["text"]) for m in clients.json(a).welcome["history"]] == \
+        [(1, "kept 0"), (2, "kept 1"), (3, "kept 2"), (4, "next")]
 
 
 @pytest.mark.parametrize("first", ["message", "join"])
