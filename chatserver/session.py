@@ -123,19 +123,10 @@ class WampConnection:
             self._handle(message)
         elif self.session.answers_due and wamp.is_answer(message):
             # A callee's YIELD or ERROR: dropping it would leave its caller waiting for
-            # ever, and the CALL that asked for it was counted already. One that answers
-            # nothing waiting is counted like any other message.
-            due = self.session.answers_due
-            self._handle(message)
-            if self.session.answers_due == due:
-                _over_rate(self)
+            # ever, and the CALL that asked for it was counted already.
+            self._handle_settling(message, "answers_due")
         elif self.session.calls and wamp.is_cancel(message):
-            # A caller giving up on a call that was counted already; one that cancels
-            # nothing waiting (or only interrupts) counts like any message.
-            calls = self.session.calls
-            self._handle(message)
-            if self.session.calls == calls:
-                _over_rate(self)
+            self._handle_settling(message, "calls")  # a caller giving up on a counted call
         elif wamp.is_goodbye(message):
             self._handle(message)  # ends the session: never more than one
         elif _over_rate(self):
@@ -145,6 +136,15 @@ class WampConnection:
             if wamp.is_unsubscribe(message):
                 self.free_subscriptions = 0
             self._handle(message)
+
+    def _handle_settling(self, message, waiting):
+        """A message that settles a call counted already (``waiting`` names the session's
+        count of them) passes the rate limit; one that settles none counts like any other
+        (a CANCEL that only interrupts, an answer to nothing)."""
+        before = getattr(self.session, waiting)
+        self._handle(message)
+        if getattr(self.session, waiting) == before:
+            _over_rate(self)
 
     def _handle(self, message):
         if not self.router.handle(self.session, message):

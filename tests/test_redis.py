@@ -1,4 +1,5 @@
 """Scale-out: several server processes sharing one real redis-server (REDIS_URL)."""
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,17 @@ def pair(start_server, redis_server):
     """Two server processes on one Redis."""
     env = {"REDIS_URL": redis_server.url, "RATE_LIMIT": "0", "PRESENCE_TTL": "1.5"}
     return start_server(env=env), start_server(env=env)
+
+
+@contextlib.contextmanager
+def hung(redis_server):
+    """Redis stops answering but keeps its connections open (SIGSTOP: stopped, or swapping),
+    for the block's duration."""
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
 
 
 def health(server):
@@ -536,8 +548,7 @@ def test_redis_that_hangs_is_taken_for_down_and_heals(start_server, redis_server
     j = clients.json(server)
     p1.send("warm")  # everyone is registered once this goes round
     assert j.wait("message")["text"] == "warm"
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with hung(redis_server):
         p1.send("during the hang")
         poll(lambda: health(server)["status"] == "degraded", timeout=8)
         start = time.monotonic()
@@ -547,8 +558,6 @@ def test_redis_that_hangs_is_taken_for_down_and_heals(start_server, redis_server
         while not p2.recv(timeout=1).endswith('says "after it was found out"'):
             pass
         assert time.monotonic() - start < 1.0
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     poll(lambda: health(server)["status"] == "ok", timeout=15)
     # The line sent into the hang reached Redis's socket, and Redis runs the command once it
     # goes on, after this process gave up on it: past its deadline, it stores nothing. (It
@@ -573,16 +582,13 @@ def test_leaving_while_redis_hangs_is_told_to_the_others_once_it_is_back(start_s
     watcher = clients.json(b)
     p1.send("all here")  # handled once p1 is registered
     assert watcher.wait("message")["text"] == "all here"
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with hung(redis_server):
         p1.send("into the hang")
         poll(lambda: health(a)["status"] == "degraded", timeout=8)
         leaver.close()
         gone = "Client %d disconnected." % leaver.id
         while p1.recv() != gone:
             pass
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     event = watcher.wait("presence", timeout=10, event="leave")
     assert event["member"] == {"id": leaver.id, "nick": "Client %d" % leaver.id}
     watcher.send(type="join", room="lobby")
@@ -611,13 +617,10 @@ def test_a_join_refused_in_an_outage_is_never_told_as_a_leave(start_server, redi
     joiner.send(type="leave", room="lobby")
     joiner.wait("left")
     assert watcher.wait("presence", event="leave")["member"]["id"] == joiner.id  # told once
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with hung(redis_server):
         for room in ("x", "lobby"):  # the first finds Redis hung (3 s), the second down
             joiner.send(type="join", room=room, ref=room)
             assert joiner.wait("error", timeout=10)["code"] == "unavailable"
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     poll(lambda: health(a)["status"] == "ok", timeout=10)
     time.sleep(1)  # what a wrote after the outage is told by now
     joiner.send(type="join", room="x")
@@ -637,16 +640,13 @@ def test_a_leave_in_an_outage_is_told_even_if_a_rejoin_is_refused(start_server,
         c.send(type="join", room="r")
         c.wait("joined")
     assert watcher.wait("presence", room="r", event="join")["member"]["id"] == member.id
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with hung(redis_server):
         member.send(type="message", room="r", text="into the hang")
         assert member.wait("error", timeout=10)["code"] == "unavailable"
         member.send(type="leave", room="r")
         member.wait("left")
         member.send(type="join", room="r", ref="again")
         assert member.wait("error")["code"] == "unavailable"
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     event = watcher.wait("presence", room="r", timeout=10)
     assert (event["event"], event["member"]["id"]) == ("leave", member.id)
 
@@ -814,13 +814,10 @@ def test_a_message_refused_as_unavailable_is_not_stored_later(start_server, redi
     sender.send(type="message", text="before the hang")
     sender.wait("ack")
     other.wait("message", text="before the hang")
-    os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    try:
+    with hung(redis_server):
         sender.send(type="message", text="into the hang")
         error = sender.wait("error", timeout=10)
         assert error["code"] == "unavailable" and "not stored" in error["message"]
-    finally:
-        os.kill(redis_server.proc.pid, signal.SIGCONT)
     poll(lambda: health(a)["status"] == "ok", timeout=10)
     sender.send(type="message", text="after the hang")
     sender.wait("ack")
