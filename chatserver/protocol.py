@@ -148,7 +148,18 @@ def _ref(obj):
             or _is_int(ref) and abs(ref) < 2 ** 53:
         return ref
     raise ProtocolError("bad_request", "ref must be a string of at most %d characters or an "
-                        "integer between -(2^53 - 1) and 2^53 - 1" % REF_MAX)
+                        "integer between -(2^53 - 1) and 2^53 - 1" % REF_MAX, _returnable(ref))
+
+
+def _returnable(ref):
+    """A refused ``ref`` as the client sent it, for the error that refuses it, so the client
+    can still tell which request failed; None when JSON in a UTF-8 frame cannot carry it back
+    (NaN, which Python's parser takes; a lone surrogate)."""
+    try:
+        json.dumps(ref, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return ref
 
 
 def _room(obj, ref, default=None):

@@ -85,7 +85,7 @@ class Connection:
             return
         if json:
             _handle_json(self, self.hub, message)
-        elif message:
+        elif message and not message.isspace():  # what a JSON client may not send either
             self.hub.say(self, protocol.LOBBY, message)
 
     def ended(self):

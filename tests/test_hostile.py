@@ -1340,6 +1340,8 @@ def test_names_at_and_past_their_limits(start_server, clients, request_, want):
     _check_answers(answers)
     kinds = [a["type"] if a["type"] != "error" else a["code"] for a in answers]
     assert kinds == [want], kinds
+    if "ref" in request_:  # in the answer or the error, as sent
+        assert answers[0]["ref"] == request_["ref"]
     if want == "nick":
         assert answers[0]["nick"] == request_["nick"].strip()
         assert other.wait("presence", event="nick")["member"]["nick"] == request_["nick"].strip()

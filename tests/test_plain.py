@@ -54,12 +54,16 @@ def test_unicode_and_quotes_pass_through_verbatim(server, clients):
     assert a.recv() == 'Client %s says "She said "héllo" 👋"' % b_id
 
 
-def test_empty_frame_is_ignored(server, clients):
-    """An empty text frame says nothing to anyone."""
-    a, b = clients.plain(server), clients.plain(server)
-    a.recv()
-    b.send("")
-    assert a.quiet() is None
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n", "\u3000"])
+def test_empty_frame_is_ignored(server, clients, blank):
+    """An empty or blank text frame says nothing to anyone: a JSON client could not send it
+    (its `text` must show something), and JSON clients in the lobby would get it as one."""
+    a, b, j = clients.plain(server), clients.plain(server), clients.json(server)
+    a.recv(), a.recv()  # b and j connected
+    b.send(blank)
+    b.send("after")
+    assert a.recv().endswith('says "after"')
+    assert j.wait("message")["text"] == "after"
 
 
 def test_binary_frame_closes_with_1003(server, clients):

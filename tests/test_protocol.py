@@ -235,6 +235,16 @@ def test_bad_ref(ref):
     err = refused({"type": "ping", "ref": ref})
     assert err.code == "bad_request"
     assert "integer between -(2^53 - 1) and 2^53 - 1" in err.message
+    assert err.ref == ref  # returned as sent: the client can tell which request failed
+
+
+@pytest.mark.parametrize("text", ['{"type": "ping", "ref": NaN}', '{"type": "ping", "ref": "\\ud800"}',
+                                  '{"type": "ping", "ref": ["\\udfff"]}'])
+def test_bad_ref_that_cannot_go_back(text):
+    """A refused ref that no JSON text in a UTF-8 frame can carry is left out of the error."""
+    err = refused(text)
+    assert err.code == "bad_request" and err.ref is None
+    protocol.encode(err.to_dict()).encode("utf-8")
 
 
 def test_unknown_type():
