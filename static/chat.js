@@ -160,10 +160,12 @@ function messageNode(entry) {
     return node;
   }
   const avatar = h("span", { class: "avatar", "aria-hidden": "true" });
-  const author = h("span", { class: "author" });
+  // dir=auto: a name or text in a right-to-left script reads from its own start, and does
+  // not reorder what stands beside it.
+  const author = h("span", { class: "author", dir: "auto" });
   const time = h("time", { class: "time" });
   const state = h("span", { class: "msg-state" });
-  const text = h("p", { class: "msg-text", text: entry.text });
+  const text = h("p", { class: "msg-text", dir: "auto", text: entry.text });
   const node = h("li", { class: "msg", "data-testid": "message" }, avatar,
     h("div", { class: "msg-body" }, h("p", { class: "msg-meta" }, author, " ", time, state), text));
   node.parts = { avatar, author, time, state };
@@ -239,9 +241,12 @@ function scrollToEnd(log) {
 // -- rooms, members, header -----------------------------------------------------------------
 
 function badge(key) {
-  const count = unread.get(key) || 0;
+  return countBadge(unread.get(key) || 0, "unread");
+}
+
+function countBadge(count, testid) {
   if (!count) return null;
-  return h("span", { class: "badge", "data-testid": "unread" }, String(count > 99 ? "99+" : count),
+  return h("span", { class: "badge", "data-testid": testid }, String(count > 99 ? "99+" : count),
     h("span", { class: "visually-hidden", text: count === 1 ? " unread message" : " unread messages" }));
 }
 
@@ -287,7 +292,7 @@ function drawDirects() {
     const button = h("button", {
       type: "button", class: "nav-item", "data-key": conv.key, "aria-current": current ? "true" : null,
     }, h("span", { class: `avatar small ${hueOf(conv.name)}`, "aria-hidden": "true", text: initials(conv.name) }),
-    h("span", { class: "nav-name", text: conv.name }),
+    h("span", { class: "nav-name", dir: "auto", text: conv.name }),
     conv.ended ? h("span", { class: "nav-tag", text: "ended" }) : null, badge(conv.key));
     if (conv.ended) button.classList.add("ended");
     button.addEventListener("click", () => activate(conv.key, { focus: true }));
@@ -321,15 +326,15 @@ function renderMembers() {
     const face = h("span", { class: `avatar small ${hueOf(person.nick)}`, "aria-hidden": "true", text: initials(person.nick) });
     if (isSelf(person)) {
       return h("li", { "data-id": String(person.id) }, h("span", { class: "member self" }, face,
-        h("span", { class: "member-name", text: person.nick }), h("span", { class: "you", text: "you" })));
+        h("span", { class: "member-name", dir: "auto", text: person.nick }), h("span", { class: "you", text: "you" })));
     }
     if (conv.ended) {
       // Its id may name someone else now: no link to a new conversation from here.
       return h("li", { "data-id": String(person.id) }, h("span", { class: "member away" }, face,
-        h("span", { class: "member-name", text: person.nick })));
+        h("span", { class: "member-name", dir: "auto", text: person.nick })));
     }
     const button = h("button", { type: "button", class: "member", title: `Send ${person.nick} a direct message` },
-      face, h("span", { class: "member-name", text: person.nick }),
+      face, h("span", { class: "member-name", dir: "auto", text: person.nick }),
       h("span", { class: "visually-hidden", text: ", send a direct message" }));
     if (conv.kind === "direct" && !online(person.id)) button.classList.add("away");
     button.addEventListener("click", () => {
@@ -366,7 +371,12 @@ function renderHeader() {
   const placeholder = conv.ended ? "This conversation has ended" : `Message ${label(conv)}`;
   if (ui.text.placeholder !== placeholder) ui.text.placeholder = placeholder;
   setText(ui.composerLabel, placeholder);
-  ui.text.disabled = ui.send.disabled = !!conv.ended;
+  const ended = !!conv.ended;
+  if (ended && (document.activeElement === ui.text || document.activeElement === ui.send)) {
+    // A disabled box loses the focus to the page's start; Close is what is left to do here.
+    ui.leave.focus({ preventScroll: true });
+  }
+  ui.text.disabled = ui.send.disabled = ended;
 }
 
 function renderTyping() {
@@ -411,6 +421,12 @@ function updateTitle() {
   for (const n of unread.values()) total += n;
   const title = `${label(client.conversations.get(active)) || "Chat"} · Chat`;
   document.title = total ? `(${total}) ${title}` : title;
+  // On a phone the lists are in a drawer: its button carries the count, as the title does.
+  const shown = ui.roomsToggle.querySelector(".badge");
+  if ((shown ? shown.firstChild.data : "") !== String(total > 99 ? "99+" : total || "")) {
+    if (shown) shown.remove();
+    if (total) ui.roomsToggle.append(countBadge(total, "rooms-unread"));
+  }
 }
 
 function toast(message) {
@@ -422,7 +438,9 @@ function toast(message) {
 
 // -- switching conversations ----------------------------------------------------------------
 
-function activate(key, { focus = false } = {}) {
+// fromUrl: the address named `key` (a link, Back, a reload); when it named a room that is
+// refused, the lobby replaces that entry rather than stacking on it, so Back leaves.
+function activate(key, { focus = false, fromUrl = false } = {}) {
   if (!client.conversations.has(key)) key = LOBBY;
   const changed = key !== active;
   active = key;
@@ -434,7 +452,7 @@ function activate(key, { focus = false } = {}) {
   unread.delete(key);
   if (client.conversations.get(key).kind === "room" && location.hash !== `#${key}` &&
       !(key === LOBBY && !location.hash)) {
-    history.pushState(null, "", `#${key}`);
+    history[fromUrl ? "replaceState" : "pushState"](null, "", `#${key}`);
   }
   renderRooms();
   renderMembers();
@@ -444,11 +462,12 @@ function activate(key, { focus = false } = {}) {
 }
 
 function fromHash() {
+  const raw = location.hash.slice(1);
   let name = "";
   try {
-    name = decodeURIComponent(location.hash.slice(1));
+    name = decodeURIComponent(raw);
   } catch (err) {
-    name = "";
+    name = raw; // a stray %: refused below, by its own spelling
   }
   if (!name) return LOBBY;
   if (!ROOM_NAME.test(name)) {
@@ -681,7 +700,7 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
-window.addEventListener("hashchange", () => activate(fromHash()));
+window.addEventListener("hashchange", () => activate(fromHash(), { fromUrl: true }));
 // Closing the tab loses what is not confirmed yet (a reload keeps room messages, not direct
 // ones), so the browser asks first, in its own words: a page cannot set them.
 window.addEventListener("beforeunload", (event) => {
@@ -703,7 +722,7 @@ document.addEventListener("visibilitychange", () => {
 ui.nick.value = storedNick || "";
 const first = fromHash();
 logFor(LOBBY);
-activate(first);
+activate(first, { fromUrl: true });
 // Ready to type, as in other chat apps; not on touch screens, where it would open the keyboard.
 if (matchMedia("(pointer: fine)").matches) ui.text.focus({ preventScroll: true });
 renderStatus();

@@ -544,6 +544,8 @@ export class ChatClient extends EventTarget {
   #applyState(conv, msg, history) {
     conv.state = "joined";
     conv.members = new Map((Array.isArray(msg.members) ? msg.members : []).map((m) => [Number(m.id), who(m)]));
+    // Renames made while we were away come only this way: no notice is replayed.
+    for (const member of conv.members.values()) this.#renamePeer(member);
     conv.memberCount = Number(msg.member_count ?? conv.members.size);
     const initial = conv.epoch === null; // the room's backlog on first joining: not "unread"
     // What we had seen before a catch-up the server could not fully answer (same epoch).
@@ -681,6 +683,8 @@ export class ChatClient extends EventTarget {
     const since = this.now() / 1000 - 60;
     for (let i = conv.entries.length - 1; i >= Math.max(0, conv.entries.length - 20); i -= 1) {
       const e = conv.entries[i];
+      // Once they have spoken under the old name, the rename is news: "joined" stays as it was.
+      if (e.kind === "message" && e.from && e.from.id === id) return null;
       if (e.kind === "notice" && e.about && e.about.id === id && e.about.event === "join" && e.ts > since) return e;
     }
     return null;

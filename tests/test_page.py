@@ -124,6 +124,13 @@ def set_nick(page, nick):
     page.get_by_label("Your name").press("Enter")
 
 
+def open_direct(a, b, nick):
+    """B takes ``nick``; A opens a direct conversation with B."""
+    set_nick(b, nick)
+    members(a).get_by_role("button", name=re.compile(nick)).click()
+    expect(a.get_by_test_id("room-title")).to_have_text(nick)
+
+
 def wait_until(page, predicate, timeout=5.0, what="condition"):
     """Poll ``predicate`` while letting ``page`` deliver its events (console lines, say)."""
     deadline = time.monotonic() + timeout
@@ -184,6 +191,26 @@ def test_nickname_change_is_seen_by_the_other_tab_and_kept(server, tabs):
     expect(a.get_by_label("Your name")).to_have_value("Ada Lovelace")
     expect(members(a)).to_contain_text("Ada Lovelace")
     expect(members(b).locator("li", has_text="Ada Lovelace")).to_have_count(1)
+
+
+def test_a_rename_right_after_arriving_is_told_as_the_arrival_unless_they_spoke(server, tabs):
+    """Someone who names themselves right after arriving just "joined" under that name; once
+    they have said something under the old one, the rename is told, so their words are not
+    left under a name that no notice explains."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    notices = log(a).get_by_test_id("notice")
+    expect(notices).to_have_count(1)
+    old = notices.first.inner_text().removesuffix(" joined")
+    say(b, "first words")
+    expect(message(a, "first words").locator(".author")).to_have_text(old)
+    set_nick(b, "Dora")
+    expect(notices.filter(has_text="is now Dora")).to_have_text("%s is now Dora" % old)
+    expect(notices.first).to_have_text("%s joined" % old)
+
+    c = tabs.open(server)
+    set_nick(c, "Cy")
+    expect(notices.filter(has_text="Cy")).to_have_text("Cy joined")
 
 
 def test_a_name_chosen_offline_is_confirmed_and_labels_what_was_typed_meanwhile(server, tabs):
@@ -287,6 +314,24 @@ def test_what_the_page_cannot_take_is_said_not_dropped(server, tabs):
             new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true }));
     }""")
     expect(toast).to_contain_text("at most 4,000 characters: the rest of what you pasted was left out")
+
+
+def test_back_leaves_a_refused_room_link(server, tabs):
+    """A link to a name that is no room shows the lobby in its place, so Back goes where the
+    user was instead of to the refused link again (and on to the lobby, for ever). A stray
+    "%" is refused by its own spelling, not silently."""
+    a = tabs.open(server, path="/#kitchen")
+    title, toast = a.get_by_test_id("room-title"), a.locator("#toast")
+    expect(title).to_have_text("#kitchen")
+    a.evaluate("location.hash = '#no%20spaces'")
+    expect(toast).to_contain_text("“no spaces” is not a room name")
+    expect(title).to_have_text("#lobby")
+    assert a.evaluate("location.hash") == "#lobby"
+    a.evaluate("history.back()")
+    expect(title).to_have_text("#kitchen")
+    assert a.evaluate("location.hash") == "#kitchen"
+    a.evaluate("location.hash = '#100%'")
+    expect(toast).to_contain_text("“100%” is not a room name")
 
 
 def test_leaving_a_room_whose_message_is_unanswered_lets_the_next_go(server, tabs):
@@ -395,6 +440,18 @@ def test_long_and_emoji_names_fit(server, tabs):
     expect(members(b).locator(".avatar").filter(has_text="\U0001F1EF\U0001F1F5J")).to_have_count(1)
 
 
+@pytest.mark.parametrize("width", [360, 700, 1280])
+def test_a_long_room_name_is_cut_short_beside_the_leave_button(server, tabs, width):
+    """A 64-character room name ends in an ellipsis before the Leave button, on a phone too."""
+    a = tabs.open(server, path="/#" + "r" * 64, viewport={"width": width, "height": 700})
+    title = a.get_by_test_id("room-title")
+    expect(title).to_have_text("#" + "r" * 64)
+    assert title.evaluate("e => e.scrollWidth > e.clientWidth"), "cut short"
+    room = title.bounding_box()
+    leave = a.get_by_test_id("leave").bounding_box()
+    assert room["x"] + room["width"] <= leave["x"], (room, leave)
+
+
 def test_names_the_page_keeps_are_ones_the_server_takes(server, tabs):
     """Saving the default name unchanged keeps nothing for the next visit (that id will be
     someone else's), and a message typed offline before choosing a name is labelled, once
@@ -478,7 +535,8 @@ def test_presence_and_typing(server, tabs):
 
 def test_direct_messages(server, tabs):
     """Clicking a member opens a private conversation; the other side sees it, with a count;
-    once the other side is gone, the conversation says it has ended."""
+    once the other side is gone, the conversation says it has ended (the focus going from the
+    message box, now disabled, to Close)."""
     a = tabs.open(server)
     b = tabs.open(server)
     set_nick(a, "Ada")
@@ -507,7 +565,25 @@ def test_direct_messages(server, tabs):
         "data-status", "failed")
     expect(a.locator("#room-meta")).to_have_text("Ended: Bea is no longer connected")
     expect(a.get_by_test_id("composer")).to_be_disabled()
+    expect(a.get_by_test_id("leave")).to_be_focused()  # not lost to the page's start
+    expect(a.get_by_test_id("leave")).to_have_text("Close")
     expect(members(a).get_by_role("button")).to_have_count(0)
+
+
+def test_a_direct_conversation_takes_a_rename_made_while_offline(server, tabs):
+    """A rename made while this tab was offline, which no notice brings back, reaches the
+    direct conversation's title and entry with the member list after reconnecting."""
+    tabs.allow_socket_failures()
+    a = tabs.open(server)
+    b = tabs.open(server)
+    open_direct(a, b, "Ben")
+    go_offline(a)
+    set_nick(b, "Benjamin")
+    expect(b.locator("#nick-note")).to_have_text("Saved: you are “Benjamin”.")
+    come_back(a)
+    expect(a.get_by_test_id("room-title")).to_have_text("Benjamin")
+    expect(a.get_by_test_id("directs")).to_contain_text("Benjamin")
+    expect(members(a)).to_contain_text("Benjamin")
 
 
 def test_direct_messages_typed_offline_go_in_order_without_a_flood(server, tabs):
@@ -516,9 +592,7 @@ def test_direct_messages_typed_offline_go_in_order_without_a_flood(server, tabs)
     tabs.allow_socket_failures()
     a = tabs.open(server)
     b = tabs.open(server)
-    set_nick(b, "Bea")
-    members(a).get_by_role("button", name=re.compile("Bea")).click()
-    expect(a.get_by_test_id("room-title")).to_have_text("Bea")
+    open_direct(a, b, "Bea")
     go_offline(a)
     typed = ["dm %02d" % n for n in range(25)]  # 50 requests with their pings; RATE_BURST is 20
     for text in typed:
@@ -580,6 +654,30 @@ def test_html_in_messages_and_nicks_is_shown_as_text(server, tabs):
     assert "default-src 'self'" in csp and "script-src 'self'" in csp
     assert "connect-src 'self' ws://127.0.0.1:%d wss://127.0.0.1:%d" % (server.port, server.port) in csp
     assert "<script>" not in response.text() and "<script type=\"module\" src=" in response.text()
+
+
+def test_right_to_left_text_reads_from_its_own_start(server, tabs):
+    """Hebrew or Arabic text and names take their own direction (punctuation at the end a
+    reader of them expects), Latin ones stay left to right, in the log, the member list and
+    while typing."""
+    a = tabs.open(server)
+    b = tabs.open(server)
+    set_nick(b, "דנה")
+    expect(members(a)).to_contain_text("דנה")
+    say(b, "שלום!")
+    say(b, "hello!")
+    direction = "el => getComputedStyle(el).direction"
+    hebrew = message(a, "שלום!")
+    expect(hebrew).to_be_visible()
+    assert hebrew.locator(".msg-text").evaluate(direction) == "rtl"
+    assert hebrew.locator(".author").evaluate(direction) == "rtl"
+    assert message(a, "hello!").locator(".msg-text").evaluate(direction) == "ltr"
+    assert members(a).locator(".member-name", has_text="דנה").evaluate(direction) == "rtl"
+    box = a.get_by_test_id("composer")
+    box.fill("مرحبا بالعالم؟")
+    assert box.evaluate(direction) == "rtl"
+    box.fill("hi?")
+    assert box.evaluate(direction) == "ltr"
 
 
 def b_misses_some(server, tabs, first, n):
@@ -857,6 +955,26 @@ def test_phone_width_keyboard_and_screen_reader_basics(server, tabs):
     expect(a.get_by_test_id("room-title")).to_have_text("#phones")
     expect(a.get_by_test_id("composer")).to_be_focused()
     assert a.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_unread_messages_show_on_the_rooms_button_of_a_phone(server, tabs):
+    """On a phone the room and direct lists are behind the Rooms button, so it carries the
+    unread count (as the tab title does) until they are read."""
+    a = tabs.open(server, viewport={"width": 360, "height": 740}, touch=True)
+    b = tabs.open(server)
+    expect(members(b).get_by_role("button")).to_have_count(1)  # A (B itself is no button)
+    members(b).get_by_role("button").click()
+    say(b, "psst")
+    toggle = a.locator("#rooms-toggle")
+    expect(toggle.get_by_test_id("rooms-unread")).to_be_visible()
+    expect(toggle).to_have_accessible_name("Rooms 1 unread message")
+    say(b, "and again")
+    expect(toggle.get_by_test_id("rooms-unread")).to_have_text("2 unread messages")
+    toggle.click()
+    a.get_by_test_id("directs").get_by_role("button", name=re.compile("Client")).click()
+    expect(a.locator('[data-testid="messages"][data-key^="@"]')).to_contain_text("and again")
+    expect(toggle.get_by_test_id("rooms-unread")).to_have_count(0)
+    expect(toggle).to_have_accessible_name("Rooms")
 
 
 CLIENT_UNIT = open(os.path.join(os.path.dirname(__file__), "page_helpers", "client_unit.js")).read()

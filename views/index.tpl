@@ -36,7 +36,7 @@
       <form class="nick-form" id="nick-form" autocomplete="off">
         <label for="nick" class="field-label">Your name</label>
         <div class="field-row">
-          <input id="nick" name="nick" maxlength="64" autocomplete="nickname" spellcheck="false"
+          <input id="nick" name="nick" dir="auto" maxlength="64" autocomplete="nickname" spellcheck="false"
                  data-testid="nick" aria-describedby="nick-note">
           <button type="submit" class="button subtle">Save</button>
         </div>
@@ -64,7 +64,7 @@
     <main class="chat" id="chat" aria-labelledby="room-title">
       <div class="room-bar">
         <div class="room-heading">
-          <h2 id="room-title" data-testid="room-title"># lobby</h2>
+          <h2 id="room-title" dir="auto" data-testid="room-title"># lobby</h2>
           <p id="room-meta" class="room-meta"></p>
         </div>
         <button type="button" class="button subtle" id="leave" data-testid="leave">Leave room</button>
@@ -74,7 +74,7 @@
         <p class="typing" id="typing" data-testid="typing"></p>
         <form class="composer" id="composer" autocomplete="off">
           <label for="composer-text" class="visually-hidden" id="composer-label">Message #lobby</label>
-          <textarea id="composer-text" name="text" rows="1" maxlength="4000" required
+          <textarea id="composer-text" name="text" dir="auto" rows="1" maxlength="4000" required
                     placeholder="Message #lobby" aria-describedby="composer-help"
                     data-testid="composer"></textarea>
           <button type="submit" class="button primary" id="send">Send</button>
