@@ -29,6 +29,11 @@ def main(argv=None):
         return 2
     logging.basicConfig(stream=sys.stdout, level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # From here a signal is a clean shutdown, once start-up is done (it may wait seconds
+    # for an unreachable Redis), not a traceback.
+    stop = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
 
     _raise_file_limit(settings.max_connections)
     if settings.redis_url:
@@ -61,10 +66,6 @@ def main(argv=None):
     open_sockets = lambda: list(sockets)  # noqa: E731 - a snapshot: they come and go meanwhile
     keepalive = gevent.spawn(session.keepalive, open_sockets, settings.ping_interval,
                              settings.ping_timeout)
-
-    stop = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop.set)
     stop.wait()
 
     log.info("Shutting down: closing %d connections", len(sockets))
@@ -96,4 +97,7 @@ def _raise_file_limit(connections):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before main() took the signal over
+        sys.exit(130)

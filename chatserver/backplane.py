@@ -495,6 +495,8 @@ class RedisBackplane:
         self._sub = None  # the pub/sub connection
         self._write_lock = None
         self.up = False
+        self._reasons = set()  # why Redis has been unreachable since it was last up, as logged
+        self._waited = False  # start() went on without Redis, and said so
         self._greenlets = []
         self._listener = None  # the one greenlet that reads (and drops) the pub/sub connection
 
@@ -516,8 +518,13 @@ class RedisBackplane:
             self._channels[self._inbox].wait(SUBSCRIBE_WAIT)
         log.info("Redis backplane at %s, connections named chat-%s", self._safe_url(), self.origin)
         if not self.up:
-            log.warning("Redis at %s is not reachable yet; retrying in the background",
-                        self._safe_url())
+            # The reason is the operator's clue: a wrong password or database, TLS against
+            # a plain port, a host that does not resolve.
+            reason = next(iter(self._reasons), "no answer yet")
+            self._reasons.add(reason)
+            log.warning("Redis at %s is not reachable yet (%s); retrying in the background",
+                        self._safe_url(), reason)
+            self._waited = True
 
     def stop(self):
         for g in self._greenlets:
@@ -583,7 +590,10 @@ class RedisBackplane:
             if self._connected.is_set():
                 log.warning("Redis reachable again at %s", self._safe_url())
                 gevent.spawn(self._after_outage)  # not in this greenlet: it reads replies
+            elif self._waited:
+                log.warning("Redis reachable at %s: taking connections", self._safe_url())
             self.up = True
+            self._reasons.clear()
         self._announce_all()  # up first: members back after a cut are told to every process
         self._connected.set()
 
@@ -690,8 +700,14 @@ class RedisBackplane:
 
     def _went_down(self, exc):
         """In the listener only: down, and the pub/sub connection dropped."""
+        reason = "the listener failed" if exc is None else str(exc) or type(exc).__name__
         if self.up:
             self._log_down(exc)
+        elif self._reasons and reason not in self._reasons:
+            # Still down, for a reason not logged yet: news (the database number was wrong,
+            # and now the port is closed, say); the same one on every retry is not.
+            log.warning("Redis at %s is still unreachable, now: %s", self._safe_url(), reason)
+        self._reasons.add(reason)
         self.up = False
         for event in self._channels.values():
             event.clear()

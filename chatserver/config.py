@@ -7,7 +7,10 @@ A bad value stops start-up with a message that names the setting.
 import argparse
 import dataclasses
 import os
+import re
 import urllib.parse
+
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*\Z")  # what int() takes, without 1_000 or other scripts' digits
 
 
 class ConfigError(ValueError):
@@ -16,10 +19,9 @@ class ConfigError(ValueError):
 
 def _int(lo, hi=None):
     def cast(raw):
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError("expected a whole number, got %r" % raw) from None
+        if not _WHOLE.match(raw):
+            raise ConfigError("expected a whole number, got %r" % raw)
+        value = int(raw)
         if value < lo or (hi is not None and value > hi):
             bound = "at least %d" % lo if hi is None else "between %d and %d" % (lo, hi)
             raise ConfigError("expected a number %s, got %d" % (bound, value))
@@ -114,10 +116,18 @@ def _str(raw):
     return raw.strip()
 
 
+def _host(raw):
+    host = raw.strip()
+    if not host:
+        raise ConfigError("expected an address to listen on, such as 0.0.0.0 (every IPv4 "
+                          "address), 127.0.0.1 or ::, got ''")
+    return host
+
+
 # name, default (as the environment would spell it), cast, help
 SETTINGS = (
     ("PORT", "8080", _int(0, 65535), "TCP port to listen on (0 picks a free one)"),
-    ("HOST", "0.0.0.0", _str, "address to listen on"),
+    ("HOST", "0.0.0.0", _host, "address to listen on"),
     ("ALLOWED_ORIGINS", "", _origins,
      "extra origins allowed to open /ws, comma-separated; '*' allows any. "
      "The page's own origin (matching Host) is always allowed"),
@@ -127,8 +137,8 @@ SETTINGS = (
     ("HISTORY_SIZE", "100", _int(0, 100000),
      "messages kept per room for history and recovery, at most 100000"),
     ("HISTORY_BYTES", "67108864", _int(65536),
-     "without Redis: memory all rooms' history may take together, in bytes (64 MiB); the "
-     "rooms that hold the most lose their oldest messages first"),
+     "without Redis: memory all rooms' history may take together, in bytes (64 MiB; at "
+     "least 65536); the rooms that hold the most lose their oldest messages first"),
     ("RATE_LIMIT", "10", _float(0), "messages per second per connection (0 turns the limit off)"),
     ("RATE_BURST", "20", _int(1), "messages a connection may send at once before the rate applies"),
     ("MAX_CONNECTIONS", "10000", _int(1), "open WebSocket connections per process"),

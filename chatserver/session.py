@@ -92,7 +92,10 @@ class Connection:
         if self.id is None:
             return  # refused before it was registered
         self.hub.unregister(self)
-        log.info("Connection %s closed (%s)", self.id, self.ws.close_code or "dropped")
+        # The address ties the id of "New connection! (7)" (the recipe's line, kept as it is)
+        # to the access log's line for the handshake.
+        log.info("Connection %s from %s closed (%s)", self.id, self.ws.peer,
+                 self.ws.close_code or "dropped")
 
 
 class WampConnection:
@@ -170,6 +173,28 @@ class Echo:
         pass
 
 
+class Tally:
+    """Counts something that may recur thousands of times a second (every client retrying
+    through an outage), so that the log says it at once, then at most once per ``every``
+    seconds with how many there were since."""
+
+    def __init__(self, every):
+        self.every = every
+        self.counted = 0
+        self.told_at = None
+
+    def count(self, now):
+        """Count one; returns how many to log now (0: not yet)."""
+        self.counted += 1
+        if self.told_at is not None and now - self.told_at < self.every:
+            return 0
+        counted, self.counted, self.told_at = self.counted, 0, now
+        return counted
+
+
+_refusals = Tally(30.0)
+
+
 def serve(ws, hub, settings, router=None):
     """Start the session of a new WebSocket on /ws: WAMP, chat.v1 JSON or plain text."""
     if ws.subprotocol == wamp.SUBPROTOCOL:
@@ -179,7 +204,11 @@ def serve(ws, hub, settings, router=None):
     try:
         hub.register(conn)
     except Unavailable as exc:
-        log.warning("refused a connection: the shared store is unreachable (%s)", exc)
+        count = _refusals.count(time.monotonic())
+        if count:
+            log.warning("refused %s: the shared store is unreachable (%s)",
+                        "a connection" if count == 1 else "%d connections (this line comes "
+                        "once per %g s at most)" % (count, _refusals.every), exc)
         ws.close(frames.TRY_AGAIN_LATER, "the shared store is unreachable; try again later")
     else:
         log.info("New connection! (%d)", conn.id)

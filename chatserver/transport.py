@@ -895,6 +895,28 @@ def _peer(address):
     return ("[%s]:%s" if ":" in address[0] else "%s:%s") % address[:2]
 
 
+_DEFAULT_PORTS = {"http": "80", "https": "443"}  # (an Origin's scheme is the page's)
+
+
+def _hosts(env):
+    """The host[:port] names a request was sent to, lower-case: its Host, and the first
+    X-Forwarded-Host and Forwarded host (RFC 7239) that a reverse proxy adds."""
+    names = [env.get("HTTP_HOST", ""), env.get("HTTP_X_FORWARDED_HOST", "").partition(",")[0]]
+    for pair in env.get("HTTP_FORWARDED", "").partition(",")[0].split(";"):
+        key, _, value = pair.partition("=")
+        if key.strip().lower() == "host":
+            names.append(value.strip().strip('"'))
+    return [n.strip().lower() for n in names if n.strip()]
+
+
+def _with_port(netloc, default):
+    """host:port, the port written out when it is the default one."""
+    after_host = netloc[netloc.rfind("]") + 1:]  # an IPv6 literal's colons are no port's
+    if default is None or ":" in after_host:
+        return netloc
+    return "%s:%s" % (netloc, default)
+
+
 def _tokens(header):
     return [t.strip() for t in header.split(",") if t.strip()]
 
@@ -1009,8 +1031,10 @@ class ChatHandler(WebSocketHandler):
             return self._refuse("400 Bad Request",
                                 "Sec-WebSocket-Key must be 16 bytes in base64.")
         origin = env.get("HTTP_ORIGIN")
-        if origin is not None and not self._origin_allowed(origin, env.get("HTTP_HOST", "")):
-            return self._refuse("403 Forbidden", "Origin %s is not allowed." % origin[:200])
+        if origin is not None and not self._origin_allowed(origin, env):
+            return self._refuse("403 Forbidden", "Origin %s is not allowed." % origin[:200],
+                                log_note="this server is at %s; see ALLOWED_ORIGINS"
+                                % " or ".join(_hosts(env)))
         offered = _tokens(env.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""))
         subprotocol = next((p for p in offered if p in self.policy.subprotocols), None)
         if offered and subprotocol is None:
@@ -1059,18 +1083,25 @@ class ChatHandler(WebSocketHandler):
             ws.close(frames.SERVER_ERROR, "server error")
             ws.run(_Unserved())
 
-    def _origin_allowed(self, origin, host):
+    def _origin_allowed(self, origin, env):
+        """An origin in ALLOWED_ORIGINS, or the page's own: the host the request was sent
+        to, as Host says or, behind a reverse proxy, X-Forwarded-Host or Forwarded, with the
+        scheme's default port written or not. (A page's script cannot set those headers on
+        a WebSocket handshake, and the check is for pages: other clients send any Origin.)"""
         origin = origin.strip().rstrip("/").lower()
         allowed = self.policy.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
-        netloc = origin.partition("://")[2]
-        return bool(netloc) and netloc == host.strip().lower()
+        scheme, _, netloc = origin.partition("://")
+        port = _DEFAULT_PORTS.get(scheme)
+        return bool(netloc) and _with_port(netloc, port) in {_with_port(h, port) for h in _hosts(env)}
 
-    def _refuse(self, status, text, headers=()):
+    def _refuse(self, status, text, headers=(), log_note=None):
         body = (text + "\n").encode("utf-8")
+        if log_note:
+            text += " (%s)" % log_note
         log.info("refused WebSocket handshake from %s: %s %s", _peer(self.client_address),
-                 status, _printable(text, 300))  # the text may quote the client's Origin
+                 status, _printable(text, 600))  # the text may quote the client's headers
         self.start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
                                      ("Content-Length", str(len(body)))] + list(headers))
         return [body]

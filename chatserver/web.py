@@ -1,4 +1,4 @@
-"""The Bottle application: the page, static files, /healthz, and the /ws endpoint."""
+"""The Bottle application: the page, static files, /healthz, /readyz, and the /ws endpoint."""
 import gc
 import ipaddress
 import os
@@ -78,6 +78,18 @@ def create_app(hub, settings, health=None, router=None):
             # not for anyone on the internet to make the server do on a loop.
             body["greenlets"] = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
         return body
+
+    @app.get("/readyz")
+    def readyz():
+        # For a load balancer's or an orchestrator's readiness probe: 503 while this process
+        # refuses new connections (its Redis is unreachable: each would get 1013), so they
+        # go to processes that can take them. Not a reason to restart it: /healthz stays 200.
+        state = health() if health is not None else {}
+        if state.get("status", "ok") == "ok":
+            return {"ready": True}
+        bottle.response.status = 503
+        return {"ready": False, "reason": "the shared store (Redis) is unreachable: new "
+                "connections are refused until it is back"}
 
     @app.get("/ws")
     def ws():

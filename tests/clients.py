@@ -153,10 +153,10 @@ class RawClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout)
         self.buf = b""
 
-    def request(self, path="/ws", headers=None, key=None, version="13", method="GET"):
+    def request(self, path="/ws", headers=None, key=None, version="13", method="GET", host=None):
         """Send a handshake; returns (status code, headers dict, body so far)."""
         key = key if key is not None else base64.b64encode(os.urandom(16)).decode()
-        lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % self.port,
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % (host or "127.0.0.1:%d" % self.port),
                  "Upgrade: websocket", "Connection: Upgrade"]
         if version is not None:
             lines.append("Sec-WebSocket-Version: %s" % version)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -59,6 +60,14 @@ class Server:
         path = "/healthz?verbose=1" if verbose else "/healthz"
         with urllib.request.urlopen(self.url + path, timeout=5) as r:
             return json.loads(r.read())
+
+    def ready(self):
+        """/readyz as (HTTP status, body)."""
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
     def log(self):
         return "\n".join(self.lines)

@@ -86,6 +86,14 @@ def test_every_numeric_setting_rejects_garbage(name, garbage):
     assert str(info.value).startswith(name + ":")
 
 
+@pytest.mark.parametrize("raw", ["", "   "])
+def test_an_empty_host_is_refused(raw):
+    """HOST= would listen on every address, logged as "http://:8080/": it is a mistake, and
+    said so."""
+    with pytest.raises(ConfigError, match="^HOST: expected an address to listen on"):
+        config.load([], environ={"HOST": raw})
+
+
 def test_load_ignores_process_environment_when_environ_given(monkeypatch):
     """load(environ={...}) reads only the mapping it is given."""
     monkeypatch.setenv("PORT", "1234")
@@ -163,6 +171,7 @@ BAD_NUMBERS = [
     ("HISTORY_SIZE", "x"), ("HISTORY_SIZE", "-1"), ("HISTORY_SIZE", "100001"),
     ("HISTORY_SIZE", "1e3"),
     ("HISTORY_BYTES", "65535"), ("HISTORY_BYTES", "64MiB"), ("HISTORY_BYTES", "-1"),
+    ("MAX_MESSAGE_SIZE", "1_000"), ("HISTORY_SIZE", "\u0661\u0662"),  # int() takes both
     ("RATE_LIMIT", "fast"), ("RATE_LIMIT", "-0.1"), ("RATE_LIMIT", "nan"), ("RATE_LIMIT", "inf"),
     ("RATE_LIMIT", ""),
     ("RATE_BURST", "0"), ("RATE_BURST", "many"), ("RATE_BURST", "2.5"),

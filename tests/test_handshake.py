@@ -5,6 +5,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import time
 
 import pytest
@@ -133,6 +134,12 @@ def test_healthz_counts_connections_and_rooms(server, clients):
     wait_health(server, connections=0, rooms=0)
 
 
+def test_readyz_says_a_process_without_redis_is_ready(server):
+    """/readyz, for a load balancer's readiness probe: one process on its own takes
+    connections as long as it runs (with Redis, see tests/test_redis.py)."""
+    assert server.ready() == (200, {"ready": True})
+
+
 @pytest.mark.parametrize("proxy_header", [None, "X-Forwarded-For", "Forwarded", "X-Real-IP"])
 def test_healthz_verbose_only_for_this_machine(server, proxy_header):
     """?verbose=1 (a walk of the heap) adds a greenlet count for a request from loopback, and
@@ -181,6 +188,36 @@ def test_foreign_origin_is_403_without_upgrade(server, origin):
     status, headers, body = handshake(server, headers={"Origin": origin})
     text = assert_text_refusal(status, headers, body, 403)
     assert "origin" in text.lower()
+
+
+PROXIED = [  # (Origin, Host, more headers, upgraded?): as a reverse proxy passes a page's handshake on
+    ("https://chat.example.com", None, {"X-Forwarded-Host": "chat.example.com"}, True),
+    ("https://chat.example.com", None, {"X-Forwarded-Host": "chat.example.com, inner.lan"}, True),
+    ("https://chat.example.com", None, {"Forwarded": 'for=192.0.2.1;host="chat.example.com";proto=https'}, True),
+    ("https://chat.example.com", "chat.example.com:443", {}, True),
+    ("http://chat.example.com", "chat.example.com:80", {}, True),
+    ("https://chat.example.com:443", "chat.example.com", {}, True),
+    ("http://[::1]", "[::1]:80", {}, True),
+    ("https://chat.example.com", "chat.example.com:80", {}, False),
+    ("https://chat.example.com", None, {}, False),
+    ("https://evil.example", None, {"X-Forwarded-Host": "chat.example.com"}, False),
+    ("http://[::1]", "[::1]:8080", {}, False),
+]
+
+
+@pytest.mark.parametrize("origin, host, more, upgraded", PROXIED)
+def test_the_pages_origin_is_known_behind_a_reverse_proxy(server, origin, host, more, upgraded):
+    """The page's own origin is the host the browser sent its handshake to: Host, or the
+    X-Forwarded-Host or Forwarded host a proxy passes on, with the scheme's default port
+    written or not. A refusal's log line says what this server took itself to be."""
+    status, headers, body = handshake(server, host=host, headers={"Origin": origin, **more})
+    if upgraded:
+        assert status == 101, body
+    else:
+        assert_text_refusal(status, headers, body, 403)
+        server.wait_for_log(r"refused WebSocket handshake .*: 403 Forbidden Origin %s is not "
+                            r"allowed\. \(this server is at %s.*; see ALLOWED_ORIGINS\)"
+                            % (re.escape(origin), re.escape(host or "127.0.0.1:%d" % server.port)))
 
 
 def test_origin_listed_in_allowed_origins_is_accepted(start_server):

@@ -603,7 +603,7 @@ def test_client_that_never_reads_is_closed_its_queue_freed_and_latency_elsewhere
     wait_until(lambda: "Client %d disconnected." % slow_id in reader.lines, SLOW_CLOSE_WAIT + 3,
                "the slow client leaves the registry")
     assert time.monotonic() - closed_at <= SLOW_CLOSE_WAIT + 3
-    server.wait_for_log(r"Connection %d closed \(1008\)" % slow_id)
+    server.wait_for_log(r"Connection %d from \S+ closed \(1008\)" % slow_id)
 
     print("RSS %.0f -> peak %.0f -> %.0f MiB; ping median %.1f -> %.1f ms, max %.1f ms" % (
         base_rss, peak, rss_mb(server), 1000 * statistics.median(base_rtts),

@@ -41,9 +41,13 @@ def test_disconnect_is_announced(server, clients):
 
 
 def test_server_logs_new_connection(server, clients):
-    """The server prints the recipe's `New connection! (N)` on standard output."""
-    clients.plain(server)
-    server.wait_for_log(r"New connection! \(\d+\)")
+    """The server prints the recipe's `New connection! (N)` on standard output; the line for
+    its end names its address too, which the access log has."""
+    a = clients.plain(server)
+    n = re.search(r"New connection! \((\d+)\)", server.wait_for_log(r"New connection! \(\d+\)")).group(1)
+    port = a.ws.sock.getsockname()[1]
+    a.close()
+    server.wait_for_log(r"Connection %s from 127\.0\.0\.1:%d closed \(1000\)" % (n, port))
 
 
 def test_unicode_and_quotes_pass_through_verbatim(server, clients):

@@ -492,15 +492,49 @@ def test_redis_outage_degrades_and_heals(pair, redis_server, clients):
 
 
 def test_starts_while_redis_is_down_and_heals(start_server, redis_server, clients):
-    """A process whose Redis is not up yet starts anyway, degraded, and heals by itself."""
+    """A process whose Redis is not up yet starts anyway, degraded, and heals by itself; the
+    log says why Redis is unreachable, and when it is reached."""
     redis_server.stop()
     server = start_server(env={"REDIS_URL": redis_server.url})
     assert health(server)["status"] == "degraded"
+    status, body = server.ready()  # not ready: traffic should go elsewhere
+    assert status == 503 and body["ready"] is False and "unreachable" in body["reason"]
+    server.wait_for_log(r"Redis at 127\.0\.0\.1:%d/0 is not reachable yet \(.*Connection refused"
+                        % redis_server.port)
     redis_server.start()
     poll(lambda: health(server)["status"] == "ok", timeout=15)
+    server.wait_for_log(r"Redis reachable at 127\.0\.0\.1:%d/0: taking connections" % redis_server.port)
+    assert server.ready() == (200, {"ready": True})
     j = clients.json(server)
     j.send(type="message", text="hello")
     assert j.wait("ack")["id"] == 1
+
+
+def test_why_redis_cannot_be_used_is_logged_once_per_reason(start_server, redis_server):
+    """A Redis that answers but cannot be used (a database number it does not have) is
+    named with its own error at start; each new reason is logged, not every retry."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    server = start_server(env={"REDIS_URL": url})
+    server.wait_for_log(r"Redis at .*/99 is not reachable yet \(DB index is out of range\)")
+    assert health(server)["status"] == "degraded"
+    redis_server.stop()
+    server.wait_for_log(r"Redis at .*/99 is still unreachable, now: .*Connection refused")
+    time.sleep(2.5)  # several retries (backoff from 0.1 s): the same reason is not logged again
+    told = [line for line in list(server.lines) if "unreachable" in line or "reachable yet" in line]
+    assert len(told) == 2, told
+
+
+def test_connections_refused_in_an_outage_are_logged_once_not_each(start_server, redis_server,
+                                                                    clients):
+    """Every client retrying through an outage is refused with 1013; the log says so once
+    (then at most every 30 s, with a count), not once per handshake."""
+    server = start_server(env={"REDIS_URL": redis_server.url})
+    redis_server.stop()
+    for _ in range(6):
+        closed = clients.plain(server).recv_until_closed()
+        assert (closed.code, closed.reason) == (1013, "the shared store is unreachable; try again later")
+    told = [line for line in list(server.lines) if "refused" in line and "shared store" in line]
+    assert len(told) == 1 and "refused a connection:" in told[0], told
 
 
 def test_joining_while_the_last_members_leave_keeps_the_room_subscribed(pair, clients):

@@ -3,8 +3,11 @@ size limits, UTF-8 validation, control frames, keepalive, slow consumers, floods
 import gc
 import os
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ import websocket
 
 from chatserver import frames, transport
 from tests.clients import ConnectionClosed, frame_bytes
-from tests.conftest import running
+from tests.conftest import ROOT, running
 
 
 
@@ -409,7 +412,7 @@ def test_slow_consumer_is_dropped_while_others_get_everything(start_server, clie
     # the slow client leaves the registry (it gets SLOW_CLOSE_WAIT to take its close frame)
     assert reader.recv(timeout=10) == "Client %d disconnected." % slow_id
     assert server.health()["connections"] == 2
-    server.wait_for_log(r"Connection %d closed \(1008\)" % slow_id)
+    server.wait_for_log(r"Connection %d from \S+ closed \(1008\)" % slow_id)
 
 
 def test_close_frame_after_frames_the_peer_has_not_taken_is_not_lost():
@@ -790,6 +793,31 @@ def test_sigterm_closes_clients_with_1001_and_exits_0(start_server, clients):
     assert closed.code == 1001
     assert "shutting down" in closed.reason
     assert server.proc.wait(max(0.1, 8 - (time.monotonic() - start))) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_stops_it_cleanly(signum):
+    """Ctrl-C or SIGTERM while start-up waits for an unreachable Redis (3 s) ends the
+    process once start-up is done, with status 0 and no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    env = dict(os.environ, HOST="127.0.0.1", PORT="0", PYTHONUNBUFFERED="1",
+               REDIS_URL="redis://127.0.0.1:%d/0" % closed_port)
+    proc = subprocess.Popen([sys.executable, "chat.py"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2.0)  # imports done, Redis being waited for
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "Traceback" not in out, out
+    assert proc.returncode == 0, out
+    assert "Redis at 127.0.0.1:%d/0 is not reachable yet" % closed_port in out
+    assert out.rstrip().endswith("Stopped"), out
 
 
 def test_sigterm_exits_even_when_a_peer_never_answers_the_close(start_server, clients):
