@@ -44,17 +44,22 @@ def main(argv=None):
     hub = Hub(settings, shared, group=session.Group)
     router = wamp.Router(hub, settings.wamp_realm)
     hub.start()
-    app = web.create_app(hub, settings, health=shared.health, router=router)
     sockets = set()  # every open WebSocket, whatever its dialect
+    is_full = lambda: len(sockets) >= settings.max_connections  # noqa: E731
+    app = web.create_app(hub, settings, health=shared.health, router=router, is_full=is_full)
     policy = transport.Policy(
         paths=("/ws", "/echo") if settings.echo_endpoint else ("/ws",),
         subprotocols=("chat.v1", wamp.SUBPROTOCOL),
         allowed_origins=settings.allowed_origins, max_message_size=settings.max_message_size,
-        outbox_size=settings.outbox_size, is_full=lambda: len(sockets) >= settings.max_connections)
+        outbox_size=settings.outbox_size, is_full=is_full)
     server = WSGIServer((settings.host, settings.port), app,
                         spawn=gevent.pool.Pool(transport.HTTP_CONCURRENCY),
                         handler_class=transport.ChatHandler.configured(policy, sockets),
                         log=logging.getLogger("chat.access"), error_log=logging.getLogger("chat.error"))
+    if stop.is_set():  # a signal came while starting: stop before listening
+        shared.stop()
+        log.info("Stopped before listening: a signal came during start-up")
+        return 0
     try:
         server.start()
     except OSError as exc:

@@ -495,7 +495,7 @@ class RedisBackplane:
         self._sub = None  # the pub/sub connection
         self._write_lock = None
         self.up = False
-        self._reasons = set()  # why Redis has been unreachable since it was last up, as logged
+        self._reasons = {}  # why Redis has been unreachable since it was last up (as keys: in order)
         self._waited = False  # start() went on without Redis, and said so
         self._greenlets = []
         self._listener = None  # the one greenlet that reads (and drops) the pub/sub connection
@@ -520,10 +520,9 @@ class RedisBackplane:
         if not self.up:
             # The reason is the operator's clue: a wrong password or database, TLS against
             # a plain port, a host that does not resolve.
-            reason = next(iter(self._reasons), "no answer yet")
-            self._reasons.add(reason)
+            self._reasons = self._reasons or {"no answer yet": None}
             log.warning("Redis at %s is not reachable yet (%s); retrying in the background",
-                        self._safe_url(), reason)
+                        self._safe_url(), "; then ".join(self._reasons))
             self._waited = True
 
     def stop(self):
@@ -707,7 +706,7 @@ class RedisBackplane:
             # Still down, for a reason not logged yet: news (the database number was wrong,
             # and now the port is closed, say); the same one on every retry is not.
             log.warning("Redis at %s is still unreachable, now: %s", self._safe_url(), reason)
-        self._reasons.add(reason)
+        self._reasons[reason] = None
         self.up = False
         for event in self._channels.values():
             event.clear()

@@ -10,7 +10,9 @@ import os
 import re
 import urllib.parse
 
-_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*\Z")  # what int() takes, without 1_000 or other scripts' digits
+# What int() and float() take, without 1_000 or other scripts' digits.
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*\Z")
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*\Z")
 
 
 class ConfigError(ValueError):
@@ -31,10 +33,9 @@ def _int(lo, hi=None):
 
 def _float(lo):
     def cast(raw):
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError("expected a number, got %r" % raw) from None
+        if not _DECIMAL.match(raw):
+            raise ConfigError("expected a number, got %r" % raw)
+        value = float(raw)
         if not value >= lo or value == float("inf"):
             raise ConfigError("expected a finite number of at least %g, got %r" % (lo, raw))
         return value

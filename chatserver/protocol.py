@@ -11,6 +11,7 @@ SUBPROTOCOL = "chat.v1"
 LOBBY = "lobby"
 NICK_MAX = 32
 REF_MAX = 128  # room for a room name (64) and a prefix, as in "join:<room>"
+RETURNED_REF_MAX = 1024  # a refused ref longer than this as JSON is not sent back
 EPOCH_MAX = 64
 IDEMPOTENT_REF = range(8, 65)  # string refs of these lengths are idempotency keys
 
@@ -152,14 +153,16 @@ def _ref(obj):
 
 
 def _returnable(ref):
-    """A refused ``ref`` as the client sent it, for the error that refuses it, so the client
-    can still tell which request failed; None when JSON in a UTF-8 frame cannot carry it back
-    (NaN, which Python's parser takes; a lone surrogate)."""
+    """A refused ``ref``, for the error that refuses it, so the client can still tell which
+    request failed; None when it is long (RETURNED_REF_MAX characters of JSON: an error is
+    no place to send a client's data back at length) or JSON in a UTF-8 frame cannot carry
+    it (NaN, which Python's parser takes; a lone surrogate)."""
     try:
-        json.dumps(ref, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        text = json.dumps(ref, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return None
-    return ref
+    return ref if len(text) <= RETURNED_REF_MAX else None
 
 
 def _room(obj, ref, default=None):

@@ -176,20 +176,28 @@ class Echo:
 class Tally:
     """Counts something that may recur thousands of times a second (every client retrying
     through an outage), so that the log says it at once, then at most once per ``every``
-    seconds with how many there were since."""
+    seconds with how many there were and since when."""
 
-    def __init__(self, every):
+    def __init__(self, every, clock=time.monotonic, wall=time.time):
         self.every = every
+        self.clock, self.wall = clock, wall
         self.counted = 0
+        self.first = None  # wall-clock time of the first one counted and not yet told
         self.told_at = None
 
-    def count(self, now):
-        """Count one; returns how many to log now (0: not yet)."""
+    def count(self):
+        """Count one; returns (how many to log now, since when), or (0, None): not yet.
+        (What was counted after the last line is told with the next one, dated, so a
+        count from an earlier outage is not taken for the current one's.)"""
+        now = self.clock()
+        if not self.counted:
+            self.first = self.wall()
         self.counted += 1
         if self.told_at is not None and now - self.told_at < self.every:
-            return 0
-        counted, self.counted, self.told_at = self.counted, 0, now
-        return counted
+            return 0, None
+        told = self.counted, self.first
+        self.counted, self.told_at = 0, now
+        return told
 
 
 _refusals = Tally(30.0)
@@ -204,11 +212,13 @@ def serve(ws, hub, settings, router=None):
     try:
         hub.register(conn)
     except Unavailable as exc:
-        count = _refusals.count(time.monotonic())
+        count, since = _refusals.count()
         if count:
             log.warning("refused %s: the shared store is unreachable (%s)",
-                        "a connection" if count == 1 else "%d connections (this line comes "
-                        "once per %g s at most)" % (count, _refusals.every), exc)
+                        "a connection" if count == 1 else "%d connections since %s (this line "
+                        "comes once per %g s at most)"
+                        % (count, time.strftime("%H:%M:%S", time.localtime(since)),
+                           _refusals.every), exc)
         ws.close(frames.TRY_AGAIN_LATER, "the shared store is unreachable; try again later")
     else:
         log.info("New connection! (%d)", conn.id)

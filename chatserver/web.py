@@ -31,9 +31,9 @@ def _csp(host):
             % sockets)
 
 
-def create_app(hub, settings, health=None, router=None):
+def create_app(hub, settings, health=None, router=None, is_full=None):
     """The WSGI app; ``health`` returns extra fields for /healthz (the backplane's state),
-    ``router`` serves WAMP sessions."""
+    ``router`` serves WAMP sessions, ``is_full()`` says MAX_CONNECTIONS are open."""
     app = bottle.Bottle()
 
     def page(name, **values):
@@ -82,14 +82,19 @@ def create_app(hub, settings, health=None, router=None):
     @app.get("/readyz")
     def readyz():
         # For a load balancer's or an orchestrator's readiness probe: 503 while this process
-        # refuses new connections (its Redis is unreachable: each would get 1013), so they
-        # go to processes that can take them. Not a reason to restart it: /healthz stays 200.
+        # refuses new connections (its Redis is unreachable: each would get 1013; or it
+        # holds MAX_CONNECTIONS), so they go to processes that can take them. Not a reason
+        # to restart it: /healthz stays 200.
         state = health() if health is not None else {}
-        if state.get("status", "ok") == "ok":
+        if state.get("status", "ok") != "ok":
+            reason = "the shared store (Redis) is unreachable: new connections are refused " \
+                     "until it is back"
+        elif is_full is not None and is_full():
+            reason = "MAX_CONNECTIONS (%d) are open" % settings.max_connections
+        else:
             return {"ready": True}
         bottle.response.status = 503
-        return {"ready": False, "reason": "the shared store (Redis) is unreachable: new "
-                "connections are refused until it is back"}
+        return {"ready": False, "reason": reason}
 
     @app.get("/ws")
     def ws():

@@ -373,8 +373,9 @@ function renderHeader() {
   setText(ui.composerLabel, placeholder);
   const ended = !!conv.ended;
   if (ended && (document.activeElement === ui.text || document.activeElement === ui.send)) {
-    // A disabled box loses the focus to the page's start; Close is what is left to do here.
-    ui.leave.focus({ preventScroll: true });
+    // A disabled box drops the focus to the page's start. The log is where it can go
+    // harmlessly (not Close: the next key typed would press it); its notice is read out.
+    logFor(conv.key).list.focus({ preventScroll: true });
   }
   ui.text.disabled = ui.send.disabled = ended;
 }

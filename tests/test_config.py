@@ -172,6 +172,7 @@ BAD_NUMBERS = [
     ("HISTORY_SIZE", "1e3"),
     ("HISTORY_BYTES", "65535"), ("HISTORY_BYTES", "64MiB"), ("HISTORY_BYTES", "-1"),
     ("MAX_MESSAGE_SIZE", "1_000"), ("HISTORY_SIZE", "\u0661\u0662"),  # int() takes both
+    ("RATE_LIMIT", "1_0"), ("PING_INTERVAL", "\u0661.5"),  # and float() too
     ("RATE_LIMIT", "fast"), ("RATE_LIMIT", "-0.1"), ("RATE_LIMIT", "nan"), ("RATE_LIMIT", "inf"),
     ("RATE_LIMIT", ""),
     ("RATE_BURST", "0"), ("RATE_BURST", "many"), ("RATE_BURST", "2.5"),

@@ -140,6 +140,20 @@ def test_readyz_says_a_process_without_redis_is_ready(server):
     assert server.ready() == (200, {"ready": True})
 
 
+def test_readyz_is_503_while_the_process_is_full(start_server, clients):
+    """A process holding MAX_CONNECTIONS refuses handshakes (503): /readyz says so, until
+    one goes."""
+    server = start_server(env={"MAX_CONNECTIONS": "1"})
+    client = clients.plain(server)
+    status, body = server.ready()
+    assert status == 503 and body == {"ready": False, "reason": "MAX_CONNECTIONS (1) are open"}
+    client.close()
+    deadline = time.monotonic() + 5
+    while server.ready()[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.ready() == (200, {"ready": True})
+
+
 @pytest.mark.parametrize("proxy_header", [None, "X-Forwarded-For", "Forwarded", "X-Real-IP"])
 def test_healthz_verbose_only_for_this_machine(server, proxy_header):
     """?verbose=1 (a walk of the heap) adds a greenlet count for a request from loopback, and

@@ -238,6 +238,14 @@ def test_bad_ref(ref):
     assert err.ref == ref  # returned as sent: the client can tell which request failed
 
 
+def test_a_long_refused_ref_is_not_sent_back():
+    """A refused ref is sent back only while short: an error is no echo of the client's data
+    (numbers can grow as JSON, 1E9 -> 1000000000.0)."""
+    assert refused({"type": "ping", "ref": ["r"] * 200}).ref == ["r"] * 200  # 1,000 characters
+    assert refused({"type": "ping", "ref": ["r"] * 210}).ref is None
+    assert refused('{"type": "ping", "ref": [%s]}' % ",".join(["1E9"] * 100)).ref is None
+
+
 @pytest.mark.parametrize("text", ['{"type": "ping", "ref": NaN}', '{"type": "ping", "ref": "\\ud800"}',
                                   '{"type": "ping", "ref": ["\\udfff"]}'])
 def test_bad_ref_that_cannot_go_back(text):

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from chatserver import session
 from tests.clients import ConnectionClosed
 
 
@@ -508,6 +509,22 @@ def test_starts_while_redis_is_down_and_heals(start_server, redis_server, client
     j = clients.json(server)
     j.send(type="message", text="hello")
     assert j.wait("ack")["id"] == 1
+
+
+def test_a_tally_tells_its_count_with_since_when():
+    """The refusals' log line: the first at once, then at most one per period, with the
+    count and the time of the first it counts, so a count left over from an earlier
+    outage is not read as the current one's."""
+    now = [0.0]
+    tally = session.Tally(30.0, clock=lambda: now[0], wall=lambda: 1000.0 + now[0])
+    assert tally.count() == (1, 1000.0)
+    for _ in range(999):
+        now[0] += 0.01
+        assert tally.count() == (0, None)
+    now[0] = 86400.0  # the next outage, a day later
+    assert tally.count() == (1000, 1000.01)
+    now[0] += 1
+    assert tally.count() == (0, None)
 
 
 def test_why_redis_cannot_be_used_is_logged_once_per_reason(start_server, redis_server):

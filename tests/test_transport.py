@@ -798,7 +798,7 @@ def test_sigterm_closes_clients_with_1001_and_exits_0(start_server, clients):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_start_up_stops_it_cleanly(signum):
     """Ctrl-C or SIGTERM while start-up waits for an unreachable Redis (3 s) ends the
-    process once start-up is done, with status 0 and no traceback."""
+    process once that wait is over, before it listens, with status 0 and no traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]  # nothing listens there once the socket is closed
@@ -807,8 +807,10 @@ def test_a_signal_during_start_up_stops_it_cleanly(signum):
     proc = subprocess.Popen([sys.executable, "chat.py"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(2.0)  # imports done, Redis being waited for
-        proc.send_signal(signum)
+        deadline = time.monotonic() + 10
+        while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until chat.py has taken the signals over, as it starts to
+        proc.send_signal(signum)  # wait for Redis
         out, _ = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
@@ -817,7 +819,15 @@ def test_a_signal_during_start_up_stops_it_cleanly(signum):
     assert "Traceback" not in out, out
     assert proc.returncode == 0, out
     assert "Redis at 127.0.0.1:%d/0 is not reachable yet" % closed_port in out
-    assert out.rstrip().endswith("Stopped"), out
+    assert out.rstrip().endswith("Stopped before listening: a signal came during start-up"), out
+    assert "Listening" not in out
+
+
+def _catches(pid, signum):
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: SigCgt in /proc)."""
+    with open("/proc/%d/status" % pid) as status:
+        mask = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
 def test_sigterm_exits_even_when_a_peer_never_answers_the_close(start_server, clients):
