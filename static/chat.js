@@ -633,8 +633,12 @@ ui.nickForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const nick = ui.nick.value.trim();
   ui.nickNote.classList.remove("error");
-  if (!nick || Array.from(nick).length > NICK_MAX) { // as the server counts: code points
-    setText(ui.nickNote, `A name is 1 to ${NICK_MAX} characters.`);
+  const length = Array.from(nick).length; // as the server counts: code points
+  if (!nick || length > NICK_MAX) {
+    // A family emoji is one symbol on screen and seven code points: say why it is too long.
+    const shown = [...new Intl.Segmenter().segment(nick)].length;
+    setText(ui.nickNote, `A name is 1 to ${NICK_MAX} characters` + (nick && shown < length
+      ? `, and this one counts as ${length}: some emoji count as several.` : "."));
     ui.nickNote.classList.add("error");
     return;
   }

@@ -438,6 +438,12 @@ def test_long_and_emoji_names_fit(server, tabs):
     expect(members(b)).to_contain_text(flags)
     set_nick(a, "\U0001F1EF\U0001F1F5 Jo")
     expect(members(b).locator(".avatar").filter(has_text="\U0001F1EF\U0001F1F5J")).to_have_count(1)
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467\u200d\U0001F466"  # one symbol, 7 code points
+    set_nick(a, family * 5)
+    expect(a.locator("#nick-note")).to_have_text(
+        "A name is 1 to 32 characters, and this one counts as 35: some emoji count as several.")
+    set_nick(a, "x" * 33)
+    expect(a.locator("#nick-note")).to_have_text("A name is 1 to 32 characters.")
 
 
 @pytest.mark.parametrize("width", [360, 700, 1280])
