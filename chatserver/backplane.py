@@ -495,7 +495,7 @@ class RedisBackplane:
         self._sub = None  # the pub/sub connection
         self._write_lock = None
         self.up = False
-        self._reasons = {}  # why Redis has been unreachable since it was last up (as keys: in order)
+        self._reasons = {}  # why Redis was unreachable since it was last up (keys, in order)
         self._waited = False  # start() went on without Redis, and said so
         self._greenlets = []
         self._listener = None  # the one greenlet that reads (and drops) the pub/sub connection

@@ -131,7 +131,8 @@ SETTINGS = (
     ("HOST", "0.0.0.0", _host, "address to listen on"),
     ("ALLOWED_ORIGINS", "", _origins,
      "extra origins allowed to open /ws, comma-separated; '*' allows any. "
-     "The page's own origin (matching Host) is always allowed"),
+     "The page's own origin (matching Host, or X-Forwarded-Host or Forwarded behind a "
+     "reverse proxy) is always allowed"),
     ("MAX_MESSAGE_SIZE", "65536", _int(125, 64 * 1024 * 1024),
      "largest WebSocket message in bytes, 125 to 67108864 (64 MiB); bigger ones are closed "
      "with 1009"),

@@ -1094,7 +1094,8 @@ class ChatHandler(WebSocketHandler):
             return True
         scheme, _, netloc = origin.partition("://")
         port = _DEFAULT_PORTS.get(scheme)
-        return bool(netloc) and _with_port(netloc, port) in {_with_port(h, port) for h in _hosts(env)}
+        return bool(netloc) and \
+            _with_port(netloc, port) in {_with_port(h, port) for h in _hosts(env)}
 
     def _refuse(self, status, text, headers=(), log_note=None):
         body = (text + "\n").encode("utf-8")
